@@ -39,9 +39,14 @@ def _parse(argv):
                  help="timed rounds per measurement (default: each suite's own, fewer with "
                       "--quick)")
   p.add_argument("--seed", type=int, default=0, help="seed of every random input (default: 0)")
+  p.add_argument("--max-vocab", type=int, default=None, metavar="V",
+                 help="time vocabulary sweeps only up to V (larger sizes are listed as not run; "
+                      "memory analysis, which only compiles, still covers them); default: all")
   args = p.parse_args(argv)
   if args.threads < 1:
     p.error(f"--threads must be >= 1; got {args.threads}.")
+  if args.max_vocab is not None and args.max_vocab < 1:
+    p.error(f"--max-vocab must be >= 1; got {args.max_vocab}.")
   if args.repeats is not None and args.repeats < 1:
     p.error(f"--repeats must be >= 1; got {args.repeats}.")
   return args
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
     importlib.import_module(module)
   try:
     return _harness.run(suites=args.suite, quick=args.quick, threads=args.threads,
-                        seed=args.seed, repeats=args.repeats, out=args.out)
+                        seed=args.seed, repeats=args.repeats, out=args.out,
+                        max_vocab=args.max_vocab)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

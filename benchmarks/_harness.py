@@ -170,6 +170,11 @@ class Context:
   out_dir: pathlib.Path
   machine: Machine
   started: str
+  max_vocab: int | None = None
+
+  def vocabs(self, sizes: Sequence[int]) -> tuple[int, ...]:
+    """The sizes of a vocabulary sweep that `--max-vocab` lets run."""
+    return tuple(v for v in sizes if self.max_vocab is None or v <= self.max_vocab)
 
   def repeats(self, full: int, quick: int) -> int:
     """The number of timed rounds: `--repeats` if given, else `quick` or `full`."""
@@ -629,7 +634,7 @@ def select(names: Sequence[str] | None) -> list[str]:
 
 
 def run(*, suites: Sequence[str] | None, quick: bool, threads: int, seed: int,
-        repeats: int | None, out: str | None) -> int:
+        repeats: int | None, out: str | None, max_vocab: int | None = None) -> int:
   """Runs the chosen suites, then prints and writes the summary table. Returns an exit code."""
   chosen = select(suites)
   torch = optional_torch()
@@ -639,7 +644,8 @@ def run(*, suites: Sequence[str] | None, quick: bool, threads: int, seed: int,
   out_dir = pathlib.Path(out) if out else default_out_dir(machine, quick)
   ctx = Context(quick=quick, threads=threads, seed=seed, repeats_override=repeats,
                 out_dir=out_dir, machine=machine,
-                started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                max_vocab=max_vocab)
   print(f"benchmarks: {', '.join(chosen)} on {machine.device}, {threads} threads"
         f"{' (quick)' if quick else ''} -> {display_path(out_dir)}", flush=True)
   rows: list[SummaryRow] = []

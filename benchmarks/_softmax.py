@@ -716,7 +716,9 @@ def _plot(rows: list[dict]):
 @h.suite("softmax")
 def run(ctx: h.Context) -> list[h.SummaryRow]:
   """Runs the softmax suite; writes `softmax.md`, `softmax.json`, `softmax_speedup.png`."""
-  vocabs = QUICK_VOCABS if ctx.quick else FULL_VOCABS
+  all_vocabs = QUICK_VOCABS if ctx.quick else FULL_VOCABS
+  vocabs = ctx.vocabs(all_vocabs)
+  not_run = [V for V in all_vocabs if V not in vocabs]
   repeats_for = {V: ctx.repeats(full=5 if V >= LARGE_V else 10, quick=3) for V in vocabs}
   warmup = 1
   n_sparse = sum(m.step == "sparse" for m in METHODS)
@@ -733,7 +735,7 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
     rows: list[dict] = []
     for V in vocabs:
       rows += _vocab(ctx, bar, V, repeats_for[V], warmup, rss=V in rss_vocabs)
-    mem_rows = _eval_memory(bar, vocabs[-1], N_EVAL_MEMORY)
+    mem_rows = _eval_memory(bar, all_vocabs[-1], N_EVAL_MEMORY)
   finally:
     bar.close()
 
@@ -741,7 +743,7 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
   md = ctx.header(
       "softmax: output layers against the full softmax and PyTorch",
       shapes=f"H={H}, N={N} tokens, V in {', '.join(f'{V:,}' for V in vocabs)}; exact log_prob "
-             f"memory at V={vocabs[-1]:,}, N={N_EVAL_MEMORY}",
+             f"memory at V={all_vocabs[-1]:,}, N={N_EVAL_MEMORY}",
       dtype="float32 (params, hidden), int32 targets",
       seeds=f"{ctx.seed} (hidden, Zipf targets, params; sampling keys split from seed+1)",
       method=(f"median of n timed rounds after {warmup} warm-up round, n = "
@@ -766,16 +768,18 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
              "donated + temporaries), known before running; RSS increase is the peak resident "
              "set of one step in a fresh process minus the resident set before it (after one "
              "warm-up step), for our full and adaptive softmax and the torch peers"]
-      + ([f"not yet in softmax_alts, skipped: {', '.join(skipped)}"] if skipped else []))
+      + ([f"not yet in softmax_alts, skipped: {', '.join(skipped)}"] if skipped else [])
+      + ([f"not timed in this run (`--max-vocab {ctx.max_vocab}`): V = "
+          f"{', '.join(f'{V:,}' for V in not_run)}"] if not_run else []))
   md += "\n## Training step\n\n" + _train_table(rows)
   md += ("\n## FLOP floor of the full softmax\n\n"
          f"6·N·H·V flops (2 for the logits, 4 for the gradients of W and of the hidden vectors) at "
          f"the best measured matmul rate ({max(rates.values()):.0f} GFLOP/s); each step time is "
          "followed by its multiple of the floor.\n\n" + _floor_table(rows, rates))
   md += "\n## Exact evaluation: `log_prob` throughput\n\n" + _eval_table(rows)
-  md += (f"\n## Exact `log_prob` memory at V={vocabs[-1]:,}, N={N_EVAL_MEMORY}\n\n"
+  md += (f"\n## Exact `log_prob` memory at V={all_vocabs[-1]:,}, N={N_EVAL_MEMORY}\n\n"
          "XLA's buffer assignment of the compiled `log_prob` (compiled, not run): a method that "
-         f"materialises the [N, V] logits needs {h.fmt_bytes(4 * N_EVAL_MEMORY * vocabs[-1])} "
+         f"materialises the [N, V] logits needs {h.fmt_bytes(4 * N_EVAL_MEMORY * all_vocabs[-1])} "
          "for them alone.\n\n" + _memory_table(mem_rows))
   fig = _plot(rows)
   paths = ctx.write("softmax", md, {"matmul_gflops": rates, "rows": rows,

@@ -290,7 +290,9 @@ def gru(hidden_size: int, *, reset_after: bool = True, dtype=jnp.float32) -> Cel
 
   def project(params, xs):
     # b_hn stays in the step when the reset gate multiplies it (reset_after).
-    b_hh = params.b_hh.at[2 * h:].set(0.0) if config.reset_after else params.b_hh
+    b_hh = params.b_hh
+    if config.reset_after:
+      b_hh = jnp.concatenate([b_hh[:2 * h], jnp.zeros_like(b_hh[2 * h:])])
     return _add_bias(_dense(xs, params.w_ih), params.b_ih + b_hh)
 
   def step(params, state, xw_t):
