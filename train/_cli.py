@@ -1,0 +1,499 @@
+"""`python -m train`: train a recurrent language model with any output layer, from the shell.
+
+The flags follow PyTorch's word_language_model example where it has them (`--data`, `--emsize`,
+`--nhid`, `--nlayers`, `--lr`, `--clip`, `--epochs`, `--batch_size` spelled `--batch-size`,
+`--bptt`, `--dropout`, `--tied`, `--seed`, `--log-interval`, `--save`). The defaults are tuned
+for the built-in synthetic corpus, whose best possible perplexity is known; Zaremba et al.'s
+small PTB model is `--optimizer sgd --lr 1 --clip 5 --nlayers 2 --emsize 200 --nhid 200
+--epochs 13 --decay-after 4 --lr-decay 2 --dropout 0 --batch-size 20 --bptt 20`.
+
+A user's mistake (a missing file, a size that is not positive, cutoffs that do not fit the
+vocabulary, a checkpoint from another config or a corrupt one) ends the program before any
+training with a one-line `error: ...` on stderr and exit status 2; no good checkpoint is ever
+overwritten.
+"""
+
+import argparse
+import collections
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+from train._batching import batchify
+from train._checkpoint import (Checkpoints, config_differences, has_run, load_config, load_vocab,
+                               save_config, save_vocab)
+from train._corpus import read_corpus
+from train._loop import DECAYS, LoopConfig, fit, new_loop_record, train_keys
+from train._metrics import MetricsLog, plot_metrics, read_metrics
+from train._model import CELLS, GRADS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
+from train._step import (OPTIMIZERS, init_train_state, make_evaluator, make_train_step,
+                         optimizer)
+from train._synthetic import SyntheticCorpus, synthetic_corpus
+
+SYNTHETIC = "synthetic"
+# Flags that may take a new value when a run is resumed; every other flag must match the run's.
+RESUMABLE = ("epochs", "max_steps", "patience", "log_interval", "keep",
+             "eval_batch_size")
+# Flags that describe this invocation, not the run: never saved.
+TRANSIENT = ("save", "resume", "quiet")
+METRICS_LOG = "metrics.jsonl"
+METRICS_PLOT = "metrics.png"
+# With no validation split, this fraction of the training tokens is held out as one.
+HELD_OUT = 0.05
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends "(default: ...)" to every flag's help unless the help already says it."""
+
+  def _get_help_string(self, action):
+    if "(default:" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line, `error: ...`, with exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+  return value
+
+
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {value}")
+  return value
+
+
+def _float(low: float, *, low_open: bool, high: float | None = None):
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    bad_low = value <= low if low_open else value < low
+    bad_high = high is not None and value >= high
+    if bad_low or bad_high or not math.isfinite(value):
+      span = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g})'}"
+      raise argparse.ArgumentTypeError(f"must be in {span}; got {text}")
+    return value
+  return parse
+
+
+def _cutoffs(text: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"must be comma-separated increasing ids, e.g. 2000,10000; got {text!r}") from None
+  if not values:
+    raise argparse.ArgumentTypeError(f"must hold at least one id; got {text!r}")
+  return values
+
+
+def _bands(text: str) -> list[list[int]]:
+  try:
+    pairs = [[int(x) for x in item.split(":")] for item in text.split(",") if item.strip()]
+  except ValueError:
+    pairs = None
+  if not pairs or any(len(p) != 2 for p in pairs):
+    raise argparse.ArgumentTypeError(
+        f"must be comma-separated num_words:dim pairs, e.g. 2000:256,8000:128; got {text!r}")
+  return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argument parser of `python -m train` (every flag documented with its default)."""
+  p = _Parser(prog="python -m train", allow_abbrev=False,
+              formatter_class=_HelpFormatter,
+              description="Train a recurrent language model with any softmax alternative; "
+                          "report the exact test perplexity.")
+  data = p.add_argument_group("data")
+  data.add_argument("--data", default=SYNTHETIC,
+                    help="a corpus folder (train.txt/valid.txt/test.txt, ptb.*.txt, "
+                         "wiki.*.tokens, or a lone input.txt), a text file, or 'synthetic' "
+                         "(a Zipfian hidden Markov source with a known best perplexity)")
+  data.add_argument("--train-split", default=None,
+                    help="the training split's file or split name (default: from the layout)")
+  data.add_argument("--valid-split", default=None,
+                    help="the validation split's file or split name; with none, the last 5%% "
+                         "of the training tokens are held out")
+  data.add_argument("--eval-split", default=None,
+                    help="the test split's file or split name")
+  data.add_argument("--level", choices=("word", "char"), default="word",
+                    help="tokens are words (one <eos> per line) or characters")
+  data.add_argument("--max-vocab", type=_positive_int, default=None,
+                    help="keep the most frequent words only (<unk> and <eos> included)")
+  data.add_argument("--synthetic-tokens", type=_positive_int, default=500_000,
+                    help="training tokens of the synthetic corpus (valid and test: a tenth)")
+  data.add_argument("--synthetic-vocab", type=_positive_int, default=500,
+                    help="vocabulary size of the synthetic source")
+
+  model = p.add_argument_group("model")
+  model.add_argument("--cell", choices=CELLS, default="lstm", help="the recurrent cell")
+  model.add_argument("--emsize", type=_positive_int, default=128, help="word embedding size")
+  model.add_argument("--nhid", type=_positive_int, default=128, help="hidden units per layer")
+  model.add_argument("--nlayers", type=_positive_int, default=1, help="number of layers")
+  model.add_argument("--proj", type=_positive_int, default=None,
+                     help="LSTM projection size (LSTMP, Sak et al. 2014); lstm only, < nhid")
+  model.add_argument("--dropout", type=_float(0.0, low_open=False, high=1.0), default=0.2,
+                     help="dropout on the embedding, between layers and before the output "
+                          "layer (Zaremba et al. 2014)")
+  model.add_argument("--tied", action="store_true",
+                     help="tie the embedding to the output table (Press and Wolf 2017); needs "
+                          "emsize = nhid (or proj) and softmax full, sampled, nce, ns or "
+                          "selfnorm")
+  model.add_argument("--grad", choices=GRADS, default="autodiff",
+                     help="BPTT by autodiff or by the hand-derived recursion")
+
+  out = p.add_argument_group("output layer")
+  out.add_argument("--softmax", choices=SOFTMAXES, default="full",
+                   help="the output layer (evaluation is always the exact softmax)")
+  out.add_argument("--num-samples", type=_positive_int, default=64,
+                   help="negatives per batch for sampled, nce and ns")
+  out.add_argument("--sampler", choices=SAMPLERS, default="unigram",
+                   help="distribution of the negatives (unigram: counts^0.75)")
+  out.add_argument("--cutoffs", type=_cutoffs, default=None,
+                   help="adaptive softmax cutoffs, e.g. 2000,10000 (default: where the "
+                        "cumulative frequency passes 80%% and 95%%)")
+  out.add_argument("--div-value", type=_float(0.0, low_open=True), default=4.0,
+                   help="adaptive softmax: tail i has H / div_value**(i+1) units")
+  out.add_argument("--bands", type=_bands, default=None,
+                   help="D-softmax bands num_words:dim,... with the words summing to V and "
+                        "the dims to H (default: cut at 80%% and 95%% of the tokens, dims H/2, "
+                        "H/4, H/4)")
+  out.add_argument("--classes", type=_positive_int, default=None,
+                   help="class-based softmax: number of classes (default: round(sqrt(V)))")
+  out.add_argument("--alpha", type=_float(0.0, low_open=False), default=0.1,
+                   help="selfnorm: weight of the (log Z)^2 penalty")
+  out.add_argument("--dense-output", action="store_true",
+                   help="sampled/nce/ns: update the output table densely (exact dense Adam) "
+                        "instead of row-sparsely (lazy Adam)")
+
+  opt = p.add_argument_group("optimization")
+  opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="the optimizer")
+  opt.add_argument("--lr", type=_float(0.0, low_open=True), default=5e-3,
+                   help="initial learning rate")
+  opt.add_argument("--clip", type=_float(0.0, low_open=False), default=0.25,
+                   help="gradient clipping: largest global norm (0: no clipping)")
+  opt.add_argument("--epochs", type=_positive_int, default=4, help="passes over the train split")
+  opt.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after this many steps in all (across resumes)")
+  opt.add_argument("--batch-size", type=_positive_int, default=32, help="rows per batch")
+  opt.add_argument("--eval-batch-size", type=_positive_int, default=10,
+                   help="rows per batch in evaluation")
+  opt.add_argument("--bptt", type=_positive_int, default=35, help="TBPTT window length")
+  opt.add_argument("--decay", choices=DECAYS, default="epoch",
+                   help="epoch: divide the lr by --lr-decay after every epoch past "
+                        "--decay-after (Zaremba et al.); plateau: when the valid perplexity "
+                        "does not improve (PyTorch's example); none")
+  opt.add_argument("--lr-decay", type=_float(1.0, low_open=True), default=4.0,
+                   help="the divisor of the learning rate")
+  opt.add_argument("--decay-after", type=_non_negative_int, default=2,
+                   help="epochs at the initial learning rate (--decay epoch)")
+  opt.add_argument("--eval-interval", type=_non_negative_int, default=0,
+                   help="also evaluate every this many steps (0: at the end of each epoch)")
+  opt.add_argument("--patience", type=_non_negative_int, default=3,
+                   help="early stop after this many evaluations without improvement (0: off)")
+  opt.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the parameters, dropout and negatives")
+
+  run = p.add_argument_group("run")
+  run.add_argument("--save", default=None,
+                   help="run folder: config, vocabulary, checkpoints (the last --keep and the "
+                        "best), metrics log and plot")
+  run.add_argument("--resume", action="store_true",
+                   help="continue the run in --save exactly where its last checkpoint left it")
+  run.add_argument("--keep", type=_positive_int, default=3,
+                   help="latest checkpoints kept (the best one is kept besides)")
+  run.add_argument("--log-interval", type=_positive_int, default=100,
+                   help="steps between progress updates and metrics log records")
+  run.add_argument("--quiet", action="store_true",
+                   help="no progress bar or periodic lines (also off when stderr is not a TTY)")
+  return p
+
+
+def _explicit(parser: argparse.ArgumentParser, argv) -> set[str]:
+  """The destinations of the flags written on the command line."""
+  by_flag = {s: a.dest for a in parser._actions for s in a.option_strings}
+  return {by_flag[t.split("=", 1)[0]] for t in argv
+          if t.startswith("--") and t.split("=", 1)[0] in by_flag}
+
+
+def _run_config(args: argparse.Namespace) -> dict:
+  return {k: v for k, v in vars(args).items() if k not in TRANSIENT}
+
+
+def _merge_resumed(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
+  """The saved run's config, with the resumable flags given on this command line."""
+  saved = load_config(args.save)
+  saved.pop("model", None)
+  current = _run_config(args)
+  unknown = set(saved) - set(current)
+  if unknown:
+    raise ValueError(f"`{args.save}` was written with unknown settings {sorted(unknown)}; "
+                     "it comes from another version or another program.")
+  conflicts = config_differences({k: saved.get(k) for k in explicit if k in current},
+                                 {k: current[k] for k in explicit if k in current},
+                                 ignore=RESUMABLE)
+  if conflicts:
+    raise ValueError(f"--resume: the checkpoint in `{args.save}` comes from another config ("
+                     f"{'; '.join(conflicts)}); resume with the run's own settings or start "
+                     "a new --save folder.")
+  merged = dict(saved)
+  for key in RESUMABLE:
+    if key in explicit or key not in merged:
+      merged[key] = current[key]
+  for key in current:
+    merged.setdefault(key, current[key])
+  return argparse.Namespace(**merged, save=args.save, resume=True, quiet=args.quiet)
+
+
+def _load_corpus(args):
+  if args.data == SYNTHETIC:
+    if args.level != "word":
+      raise ValueError("--level char needs a text corpus; the synthetic corpus is word level.")
+    if any(getattr(args, k) for k in ("train_split", "valid_split", "eval_split")):
+      raise ValueError("--train-split, --valid-split and --eval-split need a corpus folder; "
+                       "got --data synthetic.")
+    if args.synthetic_vocab < 2:
+      raise ValueError(f"--synthetic-vocab must be at least 2; got {args.synthetic_vocab}.")
+    held = max(args.synthetic_tokens // 10, 2)
+    return synthetic_corpus(0, train_length=args.synthetic_tokens, valid_length=held,
+                            test_length=held, vocab_size=args.synthetic_vocab)
+  path = pathlib.Path(args.data)
+  if not path.exists():
+    raise ValueError(f"--data `{args.data}` does not exist (a corpus folder, a text file, or "
+                     "'synthetic').")
+  return read_corpus(path, level=args.level, train_split=args.train_split,
+                     valid_split=args.valid_split, test_split=args.eval_split,
+                     max_size=args.max_vocab)
+
+
+def _splits(corpus, echo):
+  train_ids, valid_ids = corpus.train, corpus.valid
+  if valid_ids is None:
+    cut = int(train_ids.size * (1 - HELD_OUT))
+    train_ids, valid_ids = train_ids[:cut], train_ids[cut:]
+    echo(f"| note | no validation split: the last {HELD_OUT:.0%} of the training tokens "
+         f"({valid_ids.size}) are held out for validation")
+  return train_ids, valid_ids, corpus.test
+
+
+def _model_config(args, vocab_size: int) -> ModelConfig:
+  return ModelConfig(
+      vocab_size=vocab_size, cell=args.cell, emsize=args.emsize, nhid=args.nhid,
+      nlayers=args.nlayers, proj=args.proj, dropout=args.dropout, tied=args.tied,
+      softmax=args.softmax, num_samples=args.num_samples, sampler=args.sampler,
+      cutoffs=None if args.cutoffs is None else tuple(args.cutoffs),
+      bands=None if args.bands is None else tuple(tuple(b) for b in args.bands),
+      classes=args.classes, alpha=args.alpha, div_value=args.div_value, grad=args.grad)
+
+
+def model_from_config(config: dict, vocab):
+  """The `LanguageModel` of a saved run config (`config.json`'s "config") and its vocabulary."""
+  return language_model(_model_config(argparse.Namespace(**config), len(vocab)), vocab.counts)
+
+
+_COMPILED = collections.OrderedDict()
+_COMPILED_SIZE = 8
+
+
+def _compiled(config: ModelConfig, counts, opt, bptt: int):
+  """`(model, train_step, evaluate)`, shared by the runs of one process with the same config.
+
+  The jitted functions close over the model; a model rebuilt from the same config and counts
+  computes the same thing, so runs in one process (tests, notebooks) reuse the compiled
+  programs instead of compiling them again.
+  """
+  key = (config, np.asarray(counts).tobytes(), opt.name, opt.clip, opt.sparse_output, bptt)
+  if key in _COMPILED:
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]
+  model = language_model(config, counts)
+  entry = (model, make_train_step(model, opt), make_evaluator(model, bptt=bptt))
+  _COMPILED[key] = entry
+  while len(_COMPILED) > _COMPILED_SIZE:
+    _COMPILED.popitem(last=False)
+  return entry
+
+
+def _batches(ids, batch_size: int, name: str, flag: str):
+  if ids.size < 2 * batch_size:
+    raise ValueError(f"the {name} split has {ids.size} tokens, too few for {flag} {batch_size} "
+                     f"(each of the {batch_size} rows needs at least 2 tokens).")
+  return batchify(ids, batch_size)
+
+
+def _count_params(params) -> int:
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def _describe(model) -> str:
+  c = model.config
+  layers = f"{c.nlayers}x{c.nhid}" + (f"/proj {c.proj}" if c.proj else "")
+  extra = {"adaptive": f" cutoffs {list(c.cutoffs or ())}", "dsoftmax": f" bands {c.bands}",
+           "class": f" {c.classes} classes", "selfnorm": f" alpha {c.alpha}"}.get(c.softmax, "")
+  if c.softmax in ("sampled", "nce", "ns"):
+    extra = f" k={c.num_samples} {c.sampler}"
+  tied = ", tied" if c.tied else ""
+  return (f"{c.cell} {layers}, emsize {c.emsize}, dropout {c.dropout:g}{tied}, softmax "
+          f"{c.softmax}{extra}")
+
+
+def _open_run(args, model, vocab, state, echo):
+  """Opens the run folder: resumes from its latest checkpoint, or starts it.
+
+  Returns:
+    `(checkpoints, log, state, loop, best)`.
+  """
+  run_dir = pathlib.Path(args.save)
+  if not args.resume:
+    config = _run_config(args)
+    config["model"] = model.config._asdict()
+    save_config(run_dir, config)
+    save_vocab(run_dir, vocab)
+    return (Checkpoints(run_dir, keep=args.keep), MetricsLog(run_dir / METRICS_LOG), state,
+            new_loop_record(), None)
+  if load_vocab(run_dir) != vocab:
+    raise ValueError(f"--resume: the corpus's vocabulary differs from the one saved in "
+                     f"`{run_dir}`; the data changed.")
+  checkpoints = Checkpoints(run_dir, keep=args.keep)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      raise ValueError(f"--resume: `{run_dir}` holds no checkpoint to resume from.")
+    state, loop = checkpoints.restore(state, step)
+    best = None
+    best_step = checkpoints.best_step()
+    if best_step is not None and best_step != step and checkpoints.metric(best_step):
+      best_state, _ = checkpoints.restore(state, best_step)
+      best = (best_state.params, checkpoints.metric(best_step))
+    elif checkpoints.metric(step) is not None:
+      best = (state.params, checkpoints.metric(step))
+  except BaseException:
+    checkpoints.close()
+    raise
+  echo(f"| resume | step {step} from `{run_dir}`")
+  return checkpoints, MetricsLog(run_dir / METRICS_LOG, resume_step=step), state, loop, best
+
+
+def _run(args: argparse.Namespace, explicit: set[str]) -> int:
+  echo = print
+  t0 = time.perf_counter()
+  if args.resume and not args.save:
+    raise ValueError("--resume needs --save DIR, the run folder to continue.")
+  if args.save and pathlib.Path(args.save).exists() and not pathlib.Path(args.save).is_dir():
+    raise ValueError(f"--save `{args.save}` is not a folder.")
+  if args.resume:
+    args = _merge_resumed(args, explicit)
+  elif args.save and has_run(args.save):
+    raise ValueError(f"--save `{args.save}` already holds a run; pass --resume to continue it, "
+                     "or choose another folder (a checkpoint is never overwritten).")
+  if args.proj is not None and args.cell != "lstm":
+    raise ValueError(f"--proj needs --cell lstm; got --cell {args.cell}.")
+
+  corpus = _load_corpus(args)
+  vocab = corpus.vocab
+  train_ids, valid_ids, test_ids = _splits(corpus, echo)
+  opt = optimizer(args.optimizer, args.lr, clip=args.clip or None,
+                  sparse_output=not args.dense_output)
+  model, train_step, evaluate = _compiled(_model_config(args, len(vocab)), vocab.counts, opt,
+                                          args.bptt)
+  train_data = _batches(train_ids, args.batch_size, "training", "--batch-size")
+  valid_data = _batches(valid_ids, args.eval_batch_size, "validation", "--eval-batch-size")
+  test_data = None if test_ids is None else _batches(test_ids, args.eval_batch_size, "test",
+                                                    "--eval-batch-size")
+  if args.bptt >= train_data.shape[1]:
+    raise ValueError(f"--bptt {args.bptt} is not shorter than the training rows "
+                     f"({train_data.shape[1]} tokens with --batch-size {args.batch_size}).")
+  init_key, _ = train_keys(args.seed)
+  state = init_train_state(model, opt, init_key, args.batch_size)
+  loop_config = LoopConfig(epochs=args.epochs, max_steps=args.max_steps, bptt=args.bptt,
+                           eval_interval=args.eval_interval, decay=args.decay,
+                           lr_decay=args.lr_decay, decay_after=args.decay_after,
+                           patience=args.patience, log_interval=args.log_interval,
+                           seed=args.seed)
+
+  checkpoints = log = best = None
+  loop = new_loop_record()
+  try:
+    if args.save:
+      checkpoints, log, state, loop, best = _open_run(args, model, vocab, state, echo)
+    sizes = ", ".join(f"{name} {ids.size:,}" for name, ids in
+                      (("train", train_ids), ("valid", valid_ids), ("test", test_ids))
+                      if ids is not None)
+    source = ("synthetic" if isinstance(corpus, SyntheticCorpus)
+              else f"{args.data} ({corpus.level})")
+    echo(f"| data | {source} | V {len(vocab):,} | tokens: {sizes}")
+    echo(f"| model | {_describe(model)} | {_count_params(state.params):,} parameters | "
+         f"{args.optimizer} lr {args.lr:g}, clip {args.clip:g} | batch {args.batch_size} x "
+         f"bptt {args.bptt} | {jax.devices()[0].platform}")
+    result = fit(model, opt, state, train_data, valid_data, config=loop_config, loop=loop,
+                 checkpoints=checkpoints, log=log, best=best, quiet=args.quiet,
+                 train_step=train_step, evaluate=evaluate, echo=echo)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+
+  summary = [f"valid ppl {result.best_valid:.3f}"]
+  if test_data is not None:
+    test = evaluate(result.best_params, test_data)
+    summary.insert(0, f"test ppl {test.perplexity:.3f}")
+    if log is not None:
+      log.write(event="test", step=result.loop["step"], wall_time=result.loop["wall_time"],
+                test_ppl=test.perplexity)
+  if isinstance(corpus, SyntheticCorpus) and test_data is not None:
+    summary += [f"best possible {corpus.best_perplexity:.3f}",
+                f"ratio {test.perplexity / corpus.best_perplexity:.4f}",
+                f"unigram {corpus.unigram_perplexity:.3f}"]
+  if log is not None:
+    best_ppl = corpus.best_perplexity if isinstance(corpus, SyntheticCorpus) else None
+    plot_metrics(read_metrics(log.path), pathlib.Path(args.save) / METRICS_PLOT,
+                 best_perplexity=best_ppl, title=_describe(model))
+  echo(f"| end of training | step {result.loop['step']} | {' | '.join(summary)} | "
+       f"{time.perf_counter() - t0:.1f} s")
+  return 0
+
+
+def main(argv=None) -> int:
+  """Runs `python -m train` with `argv` (default: `sys.argv[1:]`); returns the exit status.
+
+  0 on success; 2 for a user's mistake (bad flags, missing or unusable data, a checkpoint from
+  another config, a corrupt checkpoint), reported as one `error: ...` line on stderr before any
+  training; 1 if training diverged or the system failed (a full disk); 130 if interrupted.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  try:
+    return _run(args, _explicit(parser, argv))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (FloatingPointError, OSError) as e:  # a diverged run; a full disk, a permission
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted; continue from the last checkpoint with --resume.", file=sys.stderr)
+    return 130
