@@ -146,28 +146,23 @@ def test_bad_input_from_the_shell_has_no_traceback(argv, message):
   assert done.stdout == ""
 
 
-def test_a_word_corpus_folder_trains(corpus_dir, capsys):
-  code, out, err = _main(["--data", str(corpus_dir), "--emsize", "8", "--nhid", "8",
-                          "--batch-size", "4", "--bptt", "6", "--eval-batch-size", "2",
-                          "--max-steps", "8", "--quiet"], capsys)
+def test_text_corpora_train_word_and_char_level(corpus_dir, tmp_path, capsys):
+  small = ["--emsize", "8", "--nhid", "8", "--batch-size", "4", "--bptt", "6",
+           "--eval-batch-size", "2", "--quiet"]
+  code, out, err = _main(["--data", str(corpus_dir), "--max-steps", "8"] + small, capsys)
   assert code == 0, err
   assert "V 14" in out  # 12 words, <eos> and <unk>
   assert re.search(r"\| end of training \| step 8 \| test ppl [0-9.]+ \| valid ppl", out)
   assert "best possible" not in out
-
-
-def test_named_splits_without_validation_hold_out_training_tokens(corpus_dir, tmp_path, capsys):
-  text = tmp_path / "shakespeare.txt"
-  text.write_text("to be or not to be, that is the question.\n" * 40)
+  # Named splits without a validation split: the tail of the training split is held out.
   code, out, err = _main(["--data", str(corpus_dir), "--train-split", "train.txt",
-                          "--eval-split", "test.txt", "--emsize", "8", "--nhid", "8",
-                          "--batch-size", "4", "--bptt", "6", "--eval-batch-size", "2",
-                          "--max-steps", "4", "--quiet"], capsys)
+                          "--eval-split", "test.txt", "--max-steps", "4"] + small, capsys)
   assert code == 0, err
   assert "no validation split: the last 5% of the training tokens" in out
-  code, out, err = _main(["--data", str(text), "--level", "char", "--emsize", "8", "--nhid", "8",
-                          "--batch-size", "4", "--bptt", "6", "--eval-batch-size", "2",
-                          "--max-steps", "4", "--quiet"], capsys)
+  text = tmp_path / "shakespeare.txt"
+  text.write_text("to be or not to be, that is the question.\n" * 40)
+  code, out, err = _main(["--data", str(text), "--level", "char", "--max-steps", "4"] + small,
+                         capsys)
   assert code == 0, err
   assert "(char)" in out and "test ppl" in out
 
