@@ -8,20 +8,14 @@ import pytest
 from jax.test_util import check_grads
 
 import softmax_alts
+from tests.softmax_alts._util import full_inputs
 
 
 SCALE = 1.0
 
 
 def _inputs(key, num_rows, hidden_size, vocab_size, dtype=jnp.float32):
-  """Params with random biases, hidden and targets, from numpy (no per-shape compiles)."""
-  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 30)))
-  params = softmax_alts.FullParams(
-      w=jnp.asarray(rng.normal(size=(vocab_size, hidden_size)) / np.sqrt(hidden_size), dtype),
-      b=jnp.asarray(rng.normal(size=(vocab_size,)), dtype))
-  hidden = jnp.asarray(SCALE * rng.normal(size=(num_rows, hidden_size)), dtype)
-  targets = jnp.asarray(rng.integers(0, vocab_size, num_rows), jnp.int32)
-  return params, hidden, targets
+  return full_inputs(key, num_rows, hidden_size, vocab_size, scale=SCALE, dtype=dtype)
 
 
 def _fixed(sampler, ids):
