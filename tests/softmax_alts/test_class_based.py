@@ -102,32 +102,63 @@ def test_frequency_classes_are_never_empty():
 
 
 def test_loss_only_touches_the_target_class(key):
-  """The loss is O(N H (C + M)): nothing of size N * V is built (M = largest class)."""
-  vocab_size, num_rows, hidden_size = 2000, 4, 8
+  """Nothing of size N * V (all logits) or N * M * H (every row's class padded to the largest,
+  M words, and gathered) is built: the loss works in `[T, B]` tiles of class-sorted rows."""
+  vocab_size, num_rows, hidden_size = 2000, 64, 8
   layer = softmax_alts.class_based(np.ones(vocab_size), 40)  # 40 classes of 50 words
   params, hidden, targets = _inputs(key, layer, num_rows, hidden_size, vocab_size)
-  jaxpr = jax.make_jaxpr(lambda p, h: layer.loss(p, h, targets))(params, hidden).jaxpr
+  for fn in (lambda p, h: layer.loss(p, h, targets),
+             jax.grad(lambda p, h: jnp.sum(layer.loss(p, h, targets)), argnums=1)):
+    jaxpr = jax.make_jaxpr(fn)(params, hidden).jaxpr
 
-  def sizes(jaxpr):
-    for eqn in jaxpr.eqns:
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from sizes(sub)
-      yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars)
+    def sizes(jaxpr):
+      for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          yield from sizes(sub)
+        yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars)
 
-  assert max(sizes(jaxpr)) == num_rows * 50 * hidden_size  # the gathered class vectors
+    # the largest arrays are the [V, H] gradient of the table and one [B, H] block
+    assert max(sizes(jaxpr)) <= vocab_size * hidden_size < num_rows * 50 * hidden_size
 
 
-def test_chunked_rows_equal_unchunked(key, monkeypatch):
+def _reference_grads(params, hidden, targets, bounds):
+  """Gradients of sum_n c_n log p(t_n) in float64 by autodiff of a dense two-level softmax."""
+  class_of = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+  same = jnp.asarray(class_of[np.asarray(targets)][:, None] == class_of[None, :])
+  weights = jnp.linspace(0.5, 1.5, hidden.shape[0], dtype=jnp.float64)
+
+  def objective(params, hidden):
+    class_logits = hidden @ params.class_weights.T + params.class_bias[None, :]
+    word_logits = hidden @ params.word_weights.T + params.word_bias[None, :]
+    rows = jnp.arange(hidden.shape[0])
+    log_p = (jax.nn.log_softmax(class_logits)[rows, class_of[np.asarray(targets)]]
+             + word_logits[rows, targets]
+             - jax.nn.logsumexp(jnp.where(same, word_logits, -jnp.inf), axis=1))
+    return jnp.sum(weights * log_p)
+
+  return jax.grad(objective, argnums=(0, 1))(params, hidden)
+
+
+@pytest.mark.parametrize("tile,block", [(1, 1), (3, 7), (8, 128), (64, 5)])
+def test_tiles_and_blocks_of_any_size(key, monkeypatch, tile, block):
+  """Values and gradients equal a dense float64 reference whatever the tiling: tiles that span
+  many classes, blocks that cut classes, a last block clamped to the end of the table."""
   counts = _zipf(300)
+  monkeypatch.setattr(class_based_module, "TILE_ROWS", tile)
+  monkeypatch.setattr(class_based_module, "BLOCK_WORDS", block)
   layer = softmax_alts.class_based(counts, 17)
   params, hidden, targets = _inputs(key, layer, 37, 8, 300)
-  value_and_grad = lambda layer: jax.value_and_grad(
-      lambda p: jnp.sum(jnp.linspace(0.5, 1.5, 37) * layer.loss(p, hidden, targets)))(params)
-  expected, expected_grads = value_and_grad(layer)
-  monkeypatch.setattr(class_based_module, "_GATHER_BUDGET", 8 * 8 * 300)  # chunks of rows
-  value, grads = value_and_grad(softmax_alts.class_based(counts, 17))
-  np.testing.assert_allclose(value, expected, rtol=1e-6)
-  chex.assert_trees_all_close(grads, expected_grads, rtol=1e-5, atol=1e-6)
+  value, grads = jax.value_and_grad(
+      lambda p, h: jnp.sum(jnp.linspace(0.5, 1.5, 37) * -layer.loss(p, h, targets)),
+      argnums=(0, 1))(params, hidden)
+  bounds = softmax_alts.frequency_classes(counts, 17)
+  expected = _reference(params, hidden, bounds)[np.arange(37), np.asarray(targets)]
+  np.testing.assert_allclose(value, np.sum(np.linspace(0.5, 1.5, 37) * expected), rtol=1e-5)
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    expected_grads = _reference_grads(to64(params), to64(hidden), targets, bounds)
+  chex.assert_trees_all_close(grads, jax.tree.map(np.asarray, expected_grads),
+                              rtol=1e-4, atol=1e-5)
 
 
 def test_init(key):
@@ -146,7 +177,7 @@ def test_gradients(key):
     layer = softmax_alts.class_based(_zipf(17), 4)
     params, hidden, targets = _inputs(key, layer, 5, 6, 17, dtype=jnp.float64)
     check_grads(jax.jit(lambda p, h: layer.loss(p, h, targets)), (params, hidden), order=1,
-                modes=("fwd", "rev"))
+                modes=("rev",))  # a custom_vjp: reverse mode only
     check_grads(jax.jit(layer.log_probs), (params, hidden), order=1, modes=("rev",))
 
 
