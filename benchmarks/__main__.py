@@ -17,6 +17,8 @@ import sys
 SUITE_MODULES = (
     "benchmarks._rnn",
     "benchmarks._softmax",
+    "benchmarks._quality",
+    "benchmarks._peers",
 )
 """Modules that register a suite with `@_harness.suite(name)`, in the order suites run."""
 
@@ -42,6 +44,10 @@ def _parse(argv):
   p.add_argument("--max-vocab", type=int, default=None, metavar="V",
                  help="time vocabulary sweeps only up to V (larger sizes are listed as not run; "
                       "memory analysis, which only compiles, still covers them); default: all")
+  p.add_argument("--data-root", default=None, metavar="DIR",
+                 help="folder of the real corpora (wikitext-2/, ptb/) for the quality and peers "
+                      "suites (default: ../shared/data beside the repository; sets "
+                      "BENCHMARKS_DATA_ROOT); a corpus that is absent is skipped")
   args = p.parse_args(argv)
   if args.threads < 1:
     p.error(f"--threads must be >= 1; got {args.threads}.")
@@ -73,6 +79,8 @@ def _configure_threads(n: int) -> None:
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   _configure_threads(args.threads)
+  if args.data_root is not None:
+    os.environ["BENCHMARKS_DATA_ROOT"] = os.path.abspath(args.data_root)
   import importlib
   from benchmarks import _harness
   for module in SUITE_MODULES:

@@ -1,0 +1,210 @@
+"""The `peers` suite: our language model against PyTorch's, same model, same data, same training.
+
+Our LSTM language model with the full softmax (`train.language_model`, trained by `train.fit`)
+and the PyTorch word_language_model recipe (`benchmarks/_torch_lm.py`: embedding, `nn.LSTM`,
+dropout, linear decoder, the state carried from window to window and detached) are trained in
+one process on WikiText-2 (train `valid.txt`, test `test.txt`; the synthetic source when the
+corpus is absent), with the same sizes, windows, batches, optimizer (Adam), clipping, learning
+rate schedule, epochs and held-out validation split. The torch model starts from our initial
+weights (copied with `rnn.to_torch`), so the two differ only in their dropout masks and float
+rounding.
+
+Two measurements, both interleaved:
+
+  * **step throughput**: one training step of each (ours: the jitted `train.make_train_step`,
+    compiled beforehand; torch: forward, backward, clipping, Adam), timed with
+    `_harness.interleave` (alternating, 50 ms pause after each call, medians), on copies of
+    the two models so the training run below is untouched;
+  * **training run**: the two trained epoch by epoch in alternation (our `train.fit` to the end
+    of an epoch, a 50 ms pause, one torch epoch with its validation, a pause, ...), the order
+    swapped every epoch. Tokens/s counts the training steps only; the test perplexity is exact,
+    of each framework's best-validation parameters.
+
+PyTorch runs with `torch.set_num_threads(--threads)`, XLA with the same intra-op pool size.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import _harness as h
+from benchmarks import _quality as q
+
+BUDGET_S = 60.0      # seconds of timed rounds for the step throughput ...
+MIN_REPEATS = 10     # ... but never fewer rounds than this
+BAR_SPEED, BAR_PPL = 1.0, 0.03   # ours >= 1.0x torch's tokens/s at a perplexity within 3%
+
+
+def _data(ctx: h.Context, s: q.Settings):
+  """WikiText-2 (a slice of it in quick mode), or the synthetic source when it is absent."""
+  wt2 = next(c for c in q.CORPORA if c.name == "wikitext-2")
+  if ctx.quick:
+    data = q.load(wt2, s, max_vocab=2000, max_tokens=4000)
+  else:
+    data = q.load(wt2, s)
+  if isinstance(data, q.Data):
+    return data, None
+  note = f"WikiText-2 skipped ({data}); the synthetic source is used instead"
+  print(f"peers: {note}", flush=True)
+  return q.load(q.CORPORA[0], s), note
+
+
+def _step_calls(ours: q.Run, lm, data: q.Data, s: q.Settings):
+  """Zero-argument training steps on copies of both models, cycling over the first windows."""
+  from benchmarks import _torch_lm as tlm
+  count = min(8, ours.per_epoch)
+  state = {"ours": jax.tree.map(jnp.copy, ours.state), "i": 0, "j": 0}
+
+  def ours_step():
+    i = state["i"] % count
+    state["i"] += 1
+    state["ours"], metrics = ours.train_step(state["ours"], ours.windows[i],
+                                             jax.random.fold_in(ours.step_key, i))
+    return state["ours"], metrics
+
+  trainer = tlm.trainer(copy.deepcopy(lm), data.train, bptt=s.bptt, lr=s.lr, clip=s.clip)
+
+  def torch_step():
+    j = state["j"] % count
+    state["j"] += 1
+    return tlm.train_step(trainer, *trainer.windows[j])
+
+  return {"ours": ours_step, "torch": torch_step}
+
+
+@h.suite("peers")
+def run(ctx: h.Context) -> list[h.SummaryRow]:
+  """Runs the peers suite; writes `peers.md` and `peers.json`."""
+  torch = h.optional_torch()
+  if torch is None:
+    raise RuntimeError("the peers suite compares against PyTorch; install torch (CPU build).")
+  from benchmarks import _torch_lm as tlm
+  s = q.QUICK._replace(seed=ctx.seed) if ctx.quick else q.FULL._replace(seed=ctx.seed)
+  load_start = q.machine_note(ctx)
+  data, note = _data(ctx, s)
+  ours = q.Run("full", data, s)
+  torch.manual_seed(s.seed)
+  lm = tlm.from_ours(ours.model, ours.state.params)
+  trainer = tlm.trainer(lm, data.train, bptt=s.bptt, lr=s.lr, clip=s.clip)
+  repeats = ctx.repeats(full=60, quick=3)
+  warmup = 1 if ctx.quick else 2
+  bar = ctx.progress("peers", 1 + 2 * (warmup + repeats) + 2 * s.epochs + 2)
+  try:
+    bar.set_postfix_str("compile")
+    ours.compile(data.valid)
+    bar.update(1)
+
+    bar.set_postfix_str("step throughput")
+    calls = _step_calls(ours, lm, data, s)
+    stats = h.interleave(calls, repeats=repeats, warmup=warmup, budget_s=ctx.budget(BUDGET_S),
+                         min_repeats=MIN_REPEATS, bar=bar)
+
+    torch_valid = []
+    for epoch in range(1, s.epochs + 1):
+      order = ("ours", "torch") if epoch % 2 else ("torch", "ours")
+      for who in order:
+        bar.set_postfix_str(f"epoch {epoch}/{s.epochs} {who}")
+        if who == "ours":
+          ours.train_epoch(epoch, data)
+        else:
+          tlm.train_epoch(trainer)
+          ppl = tlm.evaluate(lm, data.valid, bptt=s.bptt).perplexity
+          torch_valid.append(ppl)
+          tlm.end_epoch(trainer, ppl, lr_decay=s.lr_decay, decay_after=s.decay_after)
+        time.sleep(h.PAUSE_S)
+        bar.update(1)
+    bar.set_postfix_str("test")
+    ours.finish(data)
+    bar.update(1)
+    t0 = time.perf_counter()
+    torch_test = tlm.evaluate(lm, data.test, bptt=s.bptt,
+                              state_dict=trainer.state["best_state"])
+    torch_test_s = time.perf_counter() - t0
+    bar.update(1)
+  finally:
+    bar.close()
+  load_end = q.machine_note(ctx)
+
+  tokens_step = s.batch_size * s.bptt
+  mine = ours.result()
+  rows = {
+      "ours": {"framework": "ours (`train.language_model`, full softmax, `train.fit`)",
+               "step": stats["ours"], "step_tok_s": stats["ours"].rate(tokens_step),
+               "train_tok_s": mine["train_tok_s"], "train_steps_s": mine["train_steps_s"],
+               "train_tokens": mine["train_tokens"],
+               "epoch_tok_s": [t / sec for t, sec in zip(
+                   _epoch_tokens(ours, s.epochs), mine["epoch_train_steps_s"])],
+               "valid_curve": mine["valid_curve"][1:], "best_valid_ppl": mine["best_valid_ppl"],
+               "test_ppl": mine["test_ppl"], "compile_s": mine["compile_s"],
+               "test_eval_s": mine["test_eval_s"]},
+      "torch": {"framework": f"PyTorch {torch.__version__} (word_language_model recipe, eager)",
+                "step": stats["torch"], "step_tok_s": stats["torch"].rate(tokens_step),
+                "train_tok_s": trainer.state["tokens"] / trainer.state["train_s"],
+                "train_steps_s": trainer.state["train_s"],
+                "train_tokens": trainer.state["tokens"],
+                "valid_curve": torch_valid, "best_valid_ppl": trainer.state["best_valid"],
+                "test_ppl": torch_test.perplexity, "compile_s": None,
+                "test_eval_s": torch_test_s},
+  }
+  step_ratio = stats["torch"].median / stats["ours"].median
+  train_ratio = rows["ours"]["train_tok_s"] / rows["torch"]["train_tok_s"]
+  ppl_ratio = rows["ours"]["test_ppl"] / rows["torch"]["test_ppl"]
+  met = step_ratio >= BAR_SPEED and abs(ppl_ratio - 1) <= BAR_PPL
+
+  md = ctx.header(
+      "Peers: our LSTM language model against PyTorch's, trained side by side",
+      shapes=(f"{data.spec.title}, V = {len(data.corpus.vocab):,}, tokens train "
+              f"{data.sizes['train']:,} / valid {data.sizes['valid']:,} / test "
+              f"{data.sizes['test']:,}; LSTM {s.nlayers}x{s.nhid}, emsize {s.emsize}, dropout "
+              f"{s.dropout:g}, full softmax, batch {s.batch_size} x bptt {s.bptt}, "
+              f"{s.optimizer} lr {s.lr:g} clip {s.clip:g}, {s.epochs} epoch(s), lr / "
+              f"{s.lr_decay:g} after each epoch from epoch {s.decay_after} on"),
+      dtype="float32", seeds=f"{s.seed} (our initial weights, copied into torch)",
+      method=("step throughput: `_harness.interleave` of one training step each, medians; "
+              "training run: the two alternated epoch by epoch with 50 ms pauses, tokens/s "
+              "over the training steps only; test ppl exact, best-validation parameters"),
+      extra=([note] if note else []) + [
+          f"machine load: at the start {load_start}; at the end {load_end}. This suite ran at "
+          "low priority on a machine shared with other jobs: absolute times are pessimistic; "
+          "the two frameworks ran interleaved under the same conditions, so their ratio is the "
+          "number to read"])
+  table = []
+  for name in ("ours", "torch"):
+    r = rows[name]
+    table.append((r["framework"], h.fmt_stat(r["step"], tokens_step),
+                  h.fmt_ratio(stats["torch"].median / r["step"].median),
+                  h.fmt_rate(r["train_tok_s"]),
+                  h.fmt_ratio(r["train_tok_s"] / rows["torch"]["train_tok_s"]),
+                  h.fmt_seconds(r["train_steps_s"]),
+                  ", ".join(f"{v:.2f}" for v in r["valid_curve"]), f"{r['test_ppl']:.2f}",
+                  f"{r['test_ppl'] / rows['torch']['test_ppl']:.3f}",
+                  h.fmt_seconds(r["compile_s"])))
+  md += "\n" + h.md_table(
+      ["framework", "step tok/s (median)", "step: vs torch", "training-run tok/s",
+       "run: vs torch", "training steps (s)", "valid ppl per epoch", "test ppl",
+       "ppl / torch", "compile s"], table)
+  md += (f"\n**Bar** (ours >= {BAR_SPEED:g}x torch's tokens/s at a test perplexity within "
+         f"{BAR_PPL:.0%}): step throughput {step_ratio:.2f}x, training run {train_ratio:.2f}x, "
+         f"perplexity {ppl_ratio:.3f}x torch's: {'met' if met else 'NOT met'}.\n")
+  paths = ctx.write("peers", md, {"settings": s._asdict(), "corpus": data.spec.name,
+                                  "vocab_size": len(data.corpus.vocab), "tokens": data.sizes,
+                                  "note": note, "rows": rows, "step_ratio": step_ratio,
+                                  "train_ratio": train_ratio, "ppl_ratio": ppl_ratio,
+                                  "bar_met": met})
+  return [
+      h.SummaryRow("peers", "ours vs torch LSTM LM, step tok/s", h.fmt_ratio(step_ratio)),
+      h.SummaryRow("peers", "ours vs torch LSTM LM, training-run tok/s", h.fmt_ratio(train_ratio)),
+      h.SummaryRow("peers", "test ppl ours / torch",
+                   f"{rows['ours']['test_ppl']:.2f} / {rows['torch']['test_ppl']:.2f} "
+                   f"({ppl_ratio:.3f}x); bar {'met' if met else 'NOT met'}"),
+      h.SummaryRow("peers", "table", h.display_path(paths[0])),
+  ]
+
+
+def _epoch_tokens(run: q.Run, epochs: int) -> list[int]:
+  per_epoch = sum(int(w.mask.sum()) for w in run.windows)
+  return [per_epoch] * epochs
