@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnn._cells import Cell, GRUState, LSTMState, SimpleState, _add_bias, _dense
+from rnn._cells import Cell, GRUState, LSTMState, SimpleState, _add_bias, _dense, _lstm_gates
 
 
 def _sum_outer(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -82,14 +82,13 @@ def _lstm_rules(config) -> _Rules:
 
   def forward(rp, state, xw_t):
     w_hh, w_hr = rp
-    z = xw_t + _dense(state.hidden, w_hh)
-    zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
-    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+    gates = _lstm_gates(xw_t + _dense(state.hidden, w_hh))
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
     c_t = f * state.cell + i * g
     h_t = o * jnp.tanh(c_t)
     if proj:
       h_t = _dense(h_t, w_hr)
-    return LSTMState(h_t, c_t), h_t, jnp.concatenate([i, f, g, o], axis=-1)
+    return LSTMState(h_t, c_t), h_t, gates
 
   def backward(rp, rpt, gates, state_tm1, dstate, clip_delta):
     w_hh_t, w_hr_t = rpt
