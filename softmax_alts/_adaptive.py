@@ -55,8 +55,18 @@ def _check_cutoffs(cutoffs) -> tuple[int, ...]:
   return values
 
 
-# Rows of a tail computed together: the packed member rows are processed in blocks of this many.
-_BLOCK_ROWS = 32
+# A tail's loss needs the cluster's logits for its member rows only, and under Zipf's law they
+# are few; with static shapes their number is known only at run time. The member rows are
+# packed first (`_pack`) and the work is two nested loops: the outer one over chunks of
+# `_VOCAB_CHUNK` cluster words (a static count), the inner one over blocks of `_BLOCK_ROWS`
+# packed rows (a trip count of ceil(members / B), known at run time). Each chunk of the
+# cluster's output vectors is read once and used by every block of rows while it is in cache,
+# with an online log-sum-exp, so the cost is about members * (H h + h cluster_size) flops and
+# one pass over the cluster's vectors per pass, and nothing of size [members, cluster_size]
+# is ever built. The backward pass runs the same loops, recomputing the logits, and writes each
+# chunk's gradient once.
+_BLOCK_ROWS = 64
+_VOCAB_CHUNK = 8192
 
 
 def _pack(member, block: int):
@@ -69,26 +79,30 @@ def _pack(member, block: int):
   return rows, jnp.sum(member, dtype=jnp.int32)
 
 
-def _block(hidden, projection, output, relative, rows, count, b, block):
-  """The rows of block b: their ids, which are real members, their inputs, z and logits."""
-  ids = jax.lax.dynamic_slice(rows, (b * block,), (block,))
-  real = b * block + jnp.arange(block, dtype=jnp.int32) < count
-  x = hidden[ids]                                                         # [B, H]
-  z = x @ projection.T                                                    # [B, h]
-  logits = z @ output.T                                                   # [B, cluster_size]
-  return ids, real, x, z, logits, relative[ids]
+def _dot_rows(x, rows):
+  """`x [n, k]` times `rows [m, k]` transposed, contracting the last axes: `[n, m]`."""
+  return jax.lax.dot_general(x, rows, (((1,), (1,)), ((), ())))
+
+
+def _chunk_of(output, j, chunk):
+  """Chunk j of the cluster's vectors (the last one clamped to the end) and its fresh ids."""
+  size = output.shape[0]
+  start = jnp.minimum(j * chunk, size - chunk)
+  fresh = start + jnp.arange(chunk, dtype=jnp.int32) >= j * chunk
+  return start, jax.lax.dynamic_slice_in_dim(output, start, chunk, 0), fresh
+
+
+def _tail_setup(hidden, projection, member):
+  block = min(_BLOCK_ROWS, hidden.shape[0])
+  rows, count = _pack(member, block)
+  z = _dot_rows(hidden[rows], projection)                                # [P, h], packed
+  real = jnp.arange(rows.shape[0], dtype=jnp.int32) < count
+  return block, rows, count, z, real
 
 
 @jax.custom_vjp
 def _tail_log_prob(hidden, projection, output, relative, member) -> jax.Array:
   """log p(w | cluster, h) = log softmax(O (P h))_relative for the `member` rows, 0 elsewhere.
-
-  Only the member rows need the cluster's logits, and under Zipf's law they are few. With
-  static shapes, the member rows are packed first and processed in blocks of `_BLOCK_ROWS` by
-  a loop whose trip count is ceil(count / B), known only at run time, so a tail costs about
-  count * (H * h + h * cluster_size) rather than N times that. The backward pass (below) runs
-  the same loop: it recomputes each block's logits and accumulates the gradients, so nothing of
-  size [count, cluster_size] is kept between the passes.
 
   Args:
     hidden: `[N, H]`.
@@ -105,50 +119,82 @@ def _tail_log_prob(hidden, projection, output, relative, member) -> jax.Array:
 
 def _tail_forward(hidden, projection, output, relative, member):
   num_rows = hidden.shape[0]
-  residuals = (hidden, projection, output, relative, member)
   if num_rows == 0:
-    return jnp.zeros((0,), hidden.dtype), residuals
-  block = min(_BLOCK_ROWS, num_rows)
-  rows, count = _pack(member, block)
+    return jnp.zeros((0,), hidden.dtype), (hidden, projection, output) + (None,) * 6
+  block, rows, count, z, real = _tail_setup(hidden, projection, member)
+  chunk = min(_VOCAB_CHUNK, output.shape[0])
+  num_blocks = (count + block - 1) // block
 
-  def body(b, values):
-    ids, real, _, _, logits, target = _block(hidden, projection, output, relative, rows, count,
-                                              b, block)
-    value = (jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
-             - jax.nn.logsumexp(logits, axis=1))
-    return values.at[jnp.where(real, ids, num_rows)].set(value, mode="drop")
+  def over_chunks(j, carry):
+    _, o_chunk, fresh = _chunk_of(output, j, chunk)
 
-  values = jax.lax.fori_loop(0, (count + block - 1) // block, body,
-                             jnp.zeros((num_rows,), hidden.dtype))
-  return values, residuals
+    def over_rows(b, carry):
+      m, s = carry
+      logits = jnp.where(fresh[None, :],
+                         _dot_rows(jax.lax.dynamic_slice_in_dim(z, b * block, block, 0),
+                                   o_chunk), -jnp.inf)
+      m_prev = jax.lax.dynamic_slice_in_dim(m, b * block, block, 0)
+      s_prev = jax.lax.dynamic_slice_in_dim(s, b * block, block, 0)
+      m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+      s_new = (s_prev * jnp.exp(m_prev - m_new)
+               + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1))
+      return (jax.lax.dynamic_update_slice_in_dim(m, m_new, b * block, 0),
+              jax.lax.dynamic_update_slice_in_dim(s, s_new, b * block, 0))
+
+    return jax.lax.fori_loop(0, num_blocks, over_rows, carry)
+
+  packed = rows.shape[0]
+  m, s = jax.lax.fori_loop(0, -(-output.shape[0] // chunk), over_chunks,
+                           (jnp.full((packed,), -jnp.inf, z.dtype), jnp.zeros((packed,), z.dtype)))
+  lse = jnp.where(real, m + jnp.log(s), 0)
+  target = relative[rows]
+  value = jnp.sum(z * output[target], axis=1) - lse
+  values = jnp.zeros((num_rows,), hidden.dtype).at[jnp.where(real, rows, num_rows)].set(
+      value.astype(hidden.dtype), mode="drop")
+  return values, (hidden, projection, output, rows, real, z, target, lse, num_blocks)
 
 
 def _tail_backward(residuals, cotangent):
-  hidden, projection, output, relative, member = residuals
-  num_rows = hidden.shape[0]
-  if num_rows == 0:
+  hidden, projection, output, rows, real, z, target, lse, num_blocks = residuals
+  if rows is None:  # an empty batch
     return jnp.zeros_like(hidden), jnp.zeros_like(projection), jnp.zeros_like(output), None, None
+  num_rows = hidden.shape[0]
   block = min(_BLOCK_ROWS, num_rows)
-  rows, count = _pack(member, block)
+  chunk = min(_VOCAB_CHUNK, output.shape[0])
+  g = jnp.where(real, cotangent[rows], 0).astype(z.dtype)                # [P]
 
-  def body(b, grads):
-    d_hidden, d_projection, d_output = grads
-    ids, real, x, z, logits, target = _block(hidden, projection, output, relative, rows, count,
-                                             b, block)
-    g = jnp.where(real, cotangent[ids], 0)                                # [B]
-    # d/dlogits of (logit_target - logsumexp) is onehot(target) - softmax, times g. The
-    # one-hot part is applied to the target rows of O directly, not to a [B, cluster_size]
-    # array (which would cost one more pass over it).
-    d_logits = -g[:, None] * jax.nn.softmax(logits, axis=1)
-    d_z = d_logits @ output + g[:, None] * output[target]                 # [B, h]
-    return (d_hidden.at[ids].add(d_z @ projection),
-            d_projection + d_z.T @ x,
-            (d_output + d_logits.T @ z).at[target].add(g[:, None] * z))
+  def over_chunks(j, carry):
+    dz, d_output = carry
+    start, o_chunk, fresh = _chunk_of(output, j, chunk)
 
-  grads = jax.lax.fori_loop(0, (count + block - 1) // block, body,
-                            (jnp.zeros_like(hidden), jnp.zeros_like(projection),
-                             jnp.zeros_like(output)))
-  return (*grads, None, None)
+    def over_rows(b, carry):
+      dz, d_chunk = carry
+      z_b = jax.lax.dynamic_slice_in_dim(z, b * block, block, 0)
+      lse_b = jax.lax.dynamic_slice_in_dim(lse, b * block, block, 0)
+      g_b = jax.lax.dynamic_slice_in_dim(g, b * block, block, 0)
+      # d/dlogits of (logit_target - logsumexp) is onehot(target) - softmax, times g; the
+      # one-hot part is added after the loops, on the target rows of O only.
+      d_logits = jnp.where(fresh[None, :],
+                           -g_b[:, None] * jnp.exp(_dot_rows(z_b, o_chunk) - lse_b[:, None]), 0)
+      dz = jax.lax.dynamic_update_slice_in_dim(
+          dz, jax.lax.dynamic_slice_in_dim(dz, b * block, block, 0) + d_logits @ o_chunk,
+          b * block, 0)
+      return dz, d_chunk + jax.lax.dot_general(d_logits, z_b, (((0,), (0,)), ((), ())))
+
+    dz, d_chunk = jax.lax.fori_loop(0, num_blocks, over_rows,
+                                    (dz, jnp.zeros((chunk, z.shape[1]), z.dtype)))
+    d_output = jax.lax.dynamic_update_slice_in_dim(
+        d_output, jax.lax.dynamic_slice_in_dim(d_output, start, chunk, 0) + d_chunk, start, 0)
+    return dz, d_output
+
+  dz, d_output = jax.lax.fori_loop(0, -(-output.shape[0] // chunk), over_chunks,
+                                   (jnp.zeros_like(z), jnp.zeros_like(output)))
+  dz = dz + g[:, None] * output[target]
+  d_output = d_output.at[target].add(g[:, None] * z)
+  d_hidden = jnp.zeros_like(hidden).at[jnp.where(real, rows, num_rows)].add(
+      dz @ projection, mode="drop")
+  d_projection = jax.lax.dot_general(dz, hidden[rows], (((0,), (0,)), ((), ())))
+  return d_hidden, d_projection, d_output, None, None
 
 
 _tail_log_prob.defvjp(_tail_forward, _tail_backward)
