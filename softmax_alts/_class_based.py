@@ -15,131 +15,166 @@ from softmax_alts._trees import _check_counts
 #
 # Token n needs logsumexp over the words of its class, the id range [lo_n, hi_n). Padding every
 # row to the largest class (M words) and gathering `[N, M, H]` costs N M H memory traffic,
-# more than the full softmax at V = 100K (M = 3,753 there). Instead the tokens are
-# sorted by class, so that both lo and hi are non-decreasing, and cut into tiles of
-# `TILE_ROWS`; tile i needs the contiguous ids [lo of its first token, hi of its last). Each
-# (tile, vocabulary block) pair is one small `[T, H] x [H, B]` GEMM with an online log-sum-exp
-# and a membership mask. Consecutive tiles overlap by at most one class, so the pairs number
-# at most V / B + tiles * (M / B + 2): the cost follows V + N M / T instead of N M, with no
-# `[N, V]` or `[N, M, H]` array. The number of pairs depends on the data, so the loops have a
-# traced trip count and the gradient is a hand-written `custom_vjp` that revisits the same
-# pairs.
+# more than the full softmax at V = 100K (M = 3,753 there). Instead the tokens are sorted by
+# class, so that both lo and hi are non-decreasing, and cut into tiles of `TILE_ROWS`; tile i
+# needs the contiguous ids [lo of its first token, hi of its last), so the tiles that need a
+# given vocabulary block of `BLOCK_WORDS` ids are a contiguous run too. The loops go over the
+# blocks (outside, a static count) and, for each, over the run of tiles that need it (inside,
+# a count known at run time): one small `[T, H] x [H, B]` GEMM per (tile, block) pair, with an
+# online log-sum-exp and a membership mask. Each block of the table is read once per pass and
+# its gradient written once. Consecutive tiles overlap by at most one class, so the pairs
+# number at most V / B + tiles * (M / B + 2): the cost follows V + N M / T instead of N M,
+# with no `[N, V]` or `[N, M, H]` array. The gradient is a hand-written `custom_vjp` that
+# revisits the same pairs.
 
-TILE_ROWS = 16      # class-sorted tokens per tile (fastest of 8, 16, 32 at V = 100K)
-BLOCK_WORDS = 128   # vocabulary rows per block
+TILE_ROWS = 16      # class-sorted tokens per tile
+BLOCK_WORDS = 256   # vocabulary rows per block
 
 
 class _Tiling(NamedTuple):
-  """Tiles of class-sorted tokens and the vocabulary blocks each one visits."""
-  first_block: jax.Array   # [tiles] block where each tile's id range starts
-  num_blocks: jax.Array    # [tiles] blocks it spans (0 for a tile of padding only)
-  ends: jax.Array          # [tiles] inclusive cumulative sum of num_blocks
+  """For every vocabulary block, the run of tiles whose id ranges reach into it."""
+  first_tile: jax.Array    # [blocks]
+  num_tiles: jax.Array     # [blocks] (0 where no tile needs the block)
   tile: int
   block: int
 
 
-def _tiling(lo, hi, tile, block) -> _Tiling:
+def _tiling(lo, hi, tile, block, vocab_size) -> _Tiling:
+  num_blocks = -(-vocab_size // block)
   first_lo, last_hi = lo[::tile], hi[tile - 1::tile]
-  first = first_lo // block
-  count = jnp.where(last_hi > first_lo, -(-last_hi // block) - first, 0)
-  return _Tiling(first, count, jnp.cumsum(count), tile, block)
+  nonempty = last_hi > first_lo            # a tile of padding only needs nothing
+  first = jnp.where(nonempty, first_lo // block, num_blocks)
+  last = jnp.where(nonempty, (last_hi - 1) // block, num_blocks)
+  blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+  start = jnp.searchsorted(last, blocks, side="left").astype(jnp.int32)
+  stop = jnp.searchsorted(first, blocks, side="right").astype(jnp.int32)
+  return _Tiling(start, jnp.maximum(stop - start, 0), tile, block)
 
 
-def _pair(p, tiling: _Tiling, lo, hi, hidden, w, b):
-  """Pair p: its tile's rows `(row0, h [T, H], lo [T], hi [T])` and block `(start, w, logits,
-  member [T, B])`."""
-  t = jnp.searchsorted(tiling.ends, p, side="right")
-  j = tiling.first_block[t] + p - (tiling.ends[t] - tiling.num_blocks[t])
-  vocab_size = w.shape[0]
-  start = jnp.minimum(j * tiling.block, vocab_size - tiling.block)
+def _block_of(j, tiling: _Tiling, w, b):
+  """Block j: its first row (the last block clamped to the end), fresh-id mask, rows of w, b."""
+  start = jnp.minimum(j * tiling.block, w.shape[0] - tiling.block)
   ids = start + jnp.arange(tiling.block, dtype=jnp.int32)
+  return (start, ids, ids >= j * tiling.block,
+          lax.dynamic_slice_in_dim(w, start, tiling.block, 0),
+          lax.dynamic_slice_in_dim(b, start, tiling.block, 0))
+
+
+def _tile_logits(t, tiling: _Tiling, hidden, lo, hi, targets, ids, fresh, w_blk, b_blk):
+  """Tile t against one block: `(row0, h [T, H], logits [T, B], member [T, B], hit [T, B])`."""
   row0 = t * tiling.tile
   h_t = lax.dynamic_slice_in_dim(hidden, row0, tiling.tile, 0)
   lo_t = lax.dynamic_slice_in_dim(lo, row0, tiling.tile, 0)
   hi_t = lax.dynamic_slice_in_dim(hi, row0, tiling.tile, 0)
-  w_blk = lax.dynamic_slice_in_dim(w, start, tiling.block, 0)
-  b_blk = lax.dynamic_slice_in_dim(b, start, tiling.block, 0)
+  t_t = lax.dynamic_slice_in_dim(targets, row0, tiling.tile, 0)
   z = lax.dot_general(h_t, w_blk, (((1,), (1,)), ((), ()))) + b_blk[None, :].astype(h_t.dtype)
-  member = ((ids >= j * tiling.block)[None, :] & (ids[None, :] >= lo_t[:, None])
-            & (ids[None, :] < hi_t[:, None]))
-  return row0, h_t, start, w_blk, z, member
+  member = fresh[None, :] & (ids[None, :] >= lo_t[:, None]) & (ids[None, :] < hi_t[:, None])
+  return row0, h_t, z, member, member & (ids[None, :] == t_t[:, None])
 
 
-def _class_lse_forward(w, b, hidden, lo, hi, tile, block):
-  tiling = _tiling(lo, hi, tile, block)
+def _class_lse_forward(w, b, hidden, lo, hi, targets, tile, block):
+  tiling = _tiling(lo, hi, tile, block, w.shape[0])
   rows = hidden.shape[0]
 
-  def body(p, carry):
-    m, s = carry
-    row0, _, _, _, z, member = _pair(p, tiling, lo, hi, hidden, w, b)
-    m_prev = lax.dynamic_slice_in_dim(m, row0, tile, 0)
-    s_prev = lax.dynamic_slice_in_dim(s, row0, tile, 0)
-    z = jnp.where(member, z, -jnp.inf)
-    m_new = jnp.maximum(m_prev, jnp.max(z, axis=1))
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0)
-    s_new = s_prev * jnp.exp(m_prev - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
-    return (lax.dynamic_update_slice_in_dim(m, m_new, row0, 0),
-            lax.dynamic_update_slice_in_dim(s, s_new, row0, 0))
+  def over_blocks(j, carry):
+    _, ids, fresh, w_blk, b_blk = _block_of(j, tiling, w, b)
 
-  init = (jnp.full((rows,), -jnp.inf, hidden.dtype), jnp.zeros((rows,), hidden.dtype))
-  m, s = lax.fori_loop(0, tiling.ends[-1], body, init)
-  return m + jnp.log(s)
+    def over_tiles(k, carry):
+      m, s, z_t = carry
+      row0, _, z, member, hit = _tile_logits(tiling.first_tile[j] + k, tiling, hidden, lo, hi,
+                                             targets, ids, fresh, w_blk, b_blk)
+      z_t = lax.dynamic_update_slice_in_dim(
+          z_t, lax.dynamic_slice_in_dim(z_t, row0, tile, 0)
+          + jnp.sum(jnp.where(hit, z, 0), axis=1), row0, 0)
+      m_prev = lax.dynamic_slice_in_dim(m, row0, tile, 0)
+      s_prev = lax.dynamic_slice_in_dim(s, row0, tile, 0)
+      z = jnp.where(member, z, -jnp.inf)
+      m_new = jnp.maximum(m_prev, jnp.max(z, axis=1))
+      shift = jnp.where(jnp.isfinite(m_new), m_new, 0)
+      s_new = s_prev * jnp.exp(m_prev - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+      return (lax.dynamic_update_slice_in_dim(m, m_new, row0, 0),
+              lax.dynamic_update_slice_in_dim(s, s_new, row0, 0), z_t)
 
+    return lax.fori_loop(0, tiling.num_tiles[j], over_tiles, carry)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _class_lse(w, b, hidden, lo, hi, tile, block):
-  """`[N]` logsumexp of `hidden @ w.T + b` over the ids `[lo_n, hi_n)`; `lo` and `hi` sorted,
-  N a multiple of `tile`, rows with `lo == hi` give -inf."""
-  return _class_lse_forward(w, b, hidden, lo, hi, tile, block)
-
-
-def _class_lse_fwd(w, b, hidden, lo, hi, tile, block):
-  lse = _class_lse_forward(w, b, hidden, lo, hi, tile, block)
-  return lse, (w, b, hidden, lo, hi, lse)
+  init = (jnp.full((rows,), -jnp.inf, hidden.dtype), jnp.zeros((rows,), hidden.dtype),
+          jnp.zeros((rows,), hidden.dtype))
+  m, s, z_t = lax.fori_loop(0, tiling.first_tile.shape[0], over_blocks, init)
+  return m + jnp.log(s), z_t
 
 
-def _class_lse_bwd(tile, block, residuals, g):
-  """d logits = g * softmax within the class, pair by pair, into dw, db and dh."""
-  w, b, hidden, lo, hi, lse = residuals
-  tiling = _tiling(lo, hi, tile, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _class_lse(w, b, hidden, lo, hi, targets, tile, block):
+  """`([N] logsumexp, [N] target logit)` of `hidden @ w.T + b` over the ids `[lo_n, hi_n)`;
+  `lo` and `hi` sorted, N a multiple of `tile`, rows with `lo == hi` give (-inf, 0).
+
+  The target logit is computed in the same loops, so that its gradient lands in the same
+  `[V, H]` buffer as the normalizer's instead of a second table-sized scatter."""
+  return _class_lse_forward(w, b, hidden, lo, hi, targets, tile, block)
+
+
+def _class_lse_fwd(w, b, hidden, lo, hi, targets, tile, block):
+  lse, z_t = _class_lse_forward(w, b, hidden, lo, hi, targets, tile, block)
+  return (lse, z_t), (w, b, hidden, lo, hi, targets, lse)
+
+
+def _class_lse_bwd(tile, block, residuals, cotangents):
+  """d logits = g_lse * softmax within the class + g_z * onehot(target), pair by pair; each
+  block's dw, db written once."""
+  w, b, hidden, lo, hi, targets, lse = residuals
+  g, g_z = cotangents
+  tiling = _tiling(lo, hi, tile, block, w.shape[0])
   g = jnp.where(jnp.isfinite(lse), g, 0)
   lse = jnp.where(jnp.isfinite(lse), lse, 0)
 
-  def body(p, carry):
+  def over_blocks(j, carry):
     dw, db, dh = carry
-    row0, h_t, start, w_blk, z, member = _pair(p, tiling, lo, hi, hidden, w, b)
-    lse_t = lax.dynamic_slice_in_dim(lse, row0, tile, 0)
-    g_t = lax.dynamic_slice_in_dim(g, row0, tile, 0)
-    dz = jnp.where(member, g_t[:, None] * jnp.exp(z - lse_t[:, None]), 0)
-    dw_blk = lax.dot_general(dz, h_t, (((0,), (0,)), ((), ())))
+    start, ids, fresh, w_blk, b_blk = _block_of(j, tiling, w, b)
+
+    def over_tiles(k, carry):
+      dw_blk, db_blk, dh = carry
+      row0, h_t, z, member, hit = _tile_logits(tiling.first_tile[j] + k, tiling, hidden, lo, hi,
+                                               targets, ids, fresh, w_blk, b_blk)
+      lse_t = lax.dynamic_slice_in_dim(lse, row0, tile, 0)
+      g_t = lax.dynamic_slice_in_dim(g, row0, tile, 0)
+      gz_t = lax.dynamic_slice_in_dim(g_z, row0, tile, 0)
+      dz = (jnp.where(member, g_t[:, None] * jnp.exp(z - lse_t[:, None]), 0)
+            + jnp.where(hit, gz_t[:, None], 0))
+      dh = lax.dynamic_update_slice_in_dim(
+          dh, lax.dynamic_slice_in_dim(dh, row0, tile, 0) + dz @ w_blk, row0, 0)
+      return (dw_blk + lax.dot_general(dz, h_t, (((0,), (0,)), ((), ()))),
+              db_blk + jnp.sum(dz, axis=0), dh)
+
+    dw_blk, db_blk, dh = lax.fori_loop(
+        0, tiling.num_tiles[j], over_tiles,
+        (jnp.zeros(w_blk.shape, hidden.dtype), jnp.zeros(b_blk.shape, hidden.dtype), dh))
+    # The clamped last block adds zeros to the ids an earlier block owns (dz is 0 there).
     dw = lax.dynamic_update_slice_in_dim(
         dw, lax.dynamic_slice_in_dim(dw, start, block, 0) + dw_blk.astype(dw.dtype), start, 0)
     db = lax.dynamic_update_slice_in_dim(
-        db, lax.dynamic_slice_in_dim(db, start, block, 0)
-        + jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
-    dh = lax.dynamic_update_slice_in_dim(
-        dh, lax.dynamic_slice_in_dim(dh, row0, tile, 0) + dz @ w_blk, row0, 0)
+        db, lax.dynamic_slice_in_dim(db, start, block, 0) + db_blk.astype(db.dtype), start, 0)
     return dw, db, dh
 
   init = (jnp.zeros_like(w), jnp.zeros_like(b), jnp.zeros_like(hidden))
-  dw, db, dh = lax.fori_loop(0, tiling.ends[-1], body, init)
-  return dw, db, dh, None, None
+  dw, db, dh = lax.fori_loop(0, tiling.first_tile.shape[0], over_blocks, init)
+  return dw, db, dh, None, None, None
 
 
 _class_lse.defvjp(_class_lse_fwd, _class_lse_bwd)
 
 
-def _within_class_lse(w, b, hidden, lo, hi):
-  """logsumexp over each row's class `[lo_n, hi_n)`, `[N]`: sorts, pads, tiles, unsorts."""
+def _within_class_log_prob(w, b, hidden, lo, hi, targets):
+  """log softmax over each row's class `[lo_n, hi_n)` at its target, `[N]`: sorts the rows by
+  class, pads them to whole tiles, runs the tiled loops and unsorts."""
   num_rows, vocab_size = hidden.shape[0], w.shape[0]
   tile, block = TILE_ROWS, min(BLOCK_WORDS, vocab_size)
   order = jnp.argsort(lo, stable=True)
   pad = -num_rows % tile
   fill = jnp.full((pad,), vocab_size, jnp.int32)  # empty ranges, sorted last
-  lse = _class_lse(w, b, jnp.pad(hidden[order], ((0, pad), (0, 0))),
-                   jnp.concatenate([lo[order], fill]), jnp.concatenate([hi[order], fill]),
-                   tile, block)
-  return jnp.zeros((num_rows,), lse.dtype).at[order].set(lse[:num_rows])
+  lse, z_t = _class_lse(w, b, jnp.pad(hidden[order], ((0, pad), (0, 0))),
+                        jnp.concatenate([lo[order], fill]), jnp.concatenate([hi[order], fill]),
+                        jnp.concatenate([targets[order], fill]), tile, block)
+  return jnp.zeros((num_rows,), lse.dtype).at[order].set((z_t - lse)[:num_rows])
 
 
 class ClassBasedParams(NamedTuple):
@@ -204,9 +239,9 @@ def class_based(counts, num_classes: int) -> OutputLayer:
   C = 316 the largest holds M = 3,753 words, the average V / C = 316), so padding every row to
   M words costs more than the full softmax. The loss instead sorts the rows by class and
   computes each tile of rows against only the vocabulary blocks its classes cover (see
-  `_within_class_lse`): measured at V = 100K, H = 512, N = 1024 on 2 CPU cores, a training step
-  of 390 ms where padding to M took 16.9 s. `log_probs` computes every word (one `[N, V]` GEMM)
-  and normalizes within each class.
+  `_within_class_log_prob`): measured at V = 100K, H = 512, N = 1024 on 2 shared CPU cores, a
+  training step of 326 ms (the full softmax's: 1,987 ms) where padding to M took 16.9 s.
+  `log_probs` computes every word (one `[N, V]` GEMM) and normalizes within each class.
 
   Example:
     >>> layer = class_based(counts, num_classes=int(len(counts) ** 0.5))
@@ -260,12 +295,11 @@ def class_based(counts, num_classes: int) -> OutputLayer:
                          f"got {list(jnp.shape(getattr(params, name)))}.")
 
   def within_class(params: ClassBasedParams, hidden, targets):
-    """log p(w | class(w), h) for each row: the target's class only (see `_within_class_lse`)."""
+    """log p(w | class(w), h) for each row: the target's class only (see `_within_class_log_prob`)."""
     lo = jnp.asarray(starts)[jnp.asarray(class_of)[targets]]              # [n]
     hi = lo + jnp.asarray(sizes)[jnp.asarray(class_of)[targets]]
-    target_logit = (jnp.sum(hidden * params.word_weights[targets], axis=1)
-                    + params.word_bias[targets].astype(hidden.dtype))
-    return target_logit - _within_class_lse(params.word_weights, params.word_bias, hidden, lo, hi)
+    return _within_class_log_prob(params.word_weights, params.word_bias, hidden, lo, hi,
+                                  targets)
 
   # The computations are jitted once here (the checks stay outside, so that a bad id raises
   # eagerly); called under an outer `jit`, they are inlined.
