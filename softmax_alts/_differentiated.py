@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_alts._base import OutputLayer, check_hidden, check_targets, nan_where_invalid
+from softmax_alts._full import FullParams, lse_and_target
 from softmax_alts._trees import _check_counts
 
 
@@ -126,16 +127,20 @@ def differentiated(counts, bands) -> OutputLayer:
   def target_log_prob(params: DifferentiatedParams, hidden, targets) -> jax.Array:
     valid = (targets >= 0) & (targets < num_words)  # NaN for a bad id under jit
     targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    blocks = band_logits(params, hidden)
-    # log Z from each band's logsumexp: no [N, V] concatenation.
-    log_norm = jax.nn.logsumexp(
-        jnp.stack([jax.nn.logsumexp(b, axis=1) for b in blocks], axis=1), axis=1)
-    target_logit = jnp.zeros(targets.shape, hidden.dtype)
-    for j, block in enumerate(blocks):
+    # Each band is a full softmax over its words with h's segment: the full softmax's blocked
+    # kernel gives its log Z and target logit without an [N, num_words_j] array in the value
+    # (and a backward pass in vocabulary blocks); log Z of the whole is the logsumexp of the
+    # bands' log Z.
+    log_norms, target_logit = [], jnp.zeros(targets.shape, hidden.dtype)
+    for j, w in enumerate(params.weights):
       inside = (targets >= word_offsets[j]) & (targets < word_offsets[j + 1])
       local = jnp.clip(targets - word_offsets[j], 0, pairs[j][0] - 1)
-      picked = jnp.take_along_axis(block, local[:, None], axis=1)[:, 0]
+      band = FullParams(w, params.bias[word_offsets[j]:word_offsets[j + 1]])
+      lse, picked = lse_and_target(band, hidden[:, dim_offsets[j]:dim_offsets[j + 1]], local,
+                                   None)
+      log_norms.append(lse)
       target_logit = target_logit + jnp.where(inside, picked, 0)
+    log_norm = jax.nn.logsumexp(jnp.stack(log_norms, axis=1), axis=1)
     return nan_where_invalid(target_logit - log_norm, valid)
 
   @jax.jit
