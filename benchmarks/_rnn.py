@@ -297,13 +297,19 @@ def _memory(ctx: h.Context, bar, kind: str, B: int, T: int, H: int, repeats: int
       calls[name] = (lambda c, p: lambda: c(p, xs))(c.call, params)
       rows[name]["xla"] = c.memory
       rows[name]["compile_fwdbwd_s"] = c.compile_s
-  bar.set_postfix_str(f"{CELL_NAMES[kind]} T={T} RSS probes")
-  jobs = [(f"{__name__}:probe", {"kind": kind, "variant": row["variant"], "remat": row["remat"],
-                                 "B": B, "T": T, "H": H, "seed": ctx.seed})
-          for row in rows.values()]
-  for row, rss in zip(rows.values(), h.rss_probes(jobs, threads=ctx.threads, parallel=2,
-                                                   bar=bar)):
-    row["rss"] = rss
+  if ctx.quick:  # a fresh process per probe costs more than the rest of the quick run
+    for row in rows.values():
+      row["rss"] = {"skipped": "not measured with --quick"}
+    bar.update(len(rows))
+  else:
+    bar.set_postfix_str(f"{CELL_NAMES[kind]} T={T} RSS probes")
+    jobs = [(f"{__name__}:probe", {"kind": kind, "variant": row["variant"],
+                                   "remat": row["remat"], "B": B, "T": T, "H": H,
+                                   "seed": ctx.seed})
+            for row in rows.values()]
+    for row, rss in zip(rows.values(), h.rss_probes(jobs, threads=ctx.threads, parallel=2,
+                                                     bar=bar)):
+      row["rss"] = rss
   bar.set_postfix_str(f"{CELL_NAMES[kind]} T={T} fwd+bwd")
   stats = h.interleave(calls, repeats=repeats, warmup=warmup, bar=bar)
   base = stats["ours-autodiff"].median
@@ -338,7 +344,9 @@ def _memory_table(rows: list[dict]) -> str:
   out = []
   for row in rows:
     rss = row["rss"]
-    rss_s = h.fmt_bytes(rss["delta"]) if "delta" in rss else f"failed ({rss.get('error', '')})"
+    rss_s = (h.fmt_bytes(rss["delta"]) if "delta" in rss
+             else f"— ({rss['skipped']})" if "skipped" in rss
+             else f"failed ({rss.get('error', '')})")
     tokens = row["shape"][0] * row["shape"][1]
     out.append((CELL_NAMES[row["cell"]], "({}, {}, {})".format(*row["shape"]), row["variant"],
                 "yes" if row["remat"] else "no",
