@@ -79,6 +79,11 @@ def _step_calls(ours: q.Run, lm, data: q.Data, s: q.Settings):
 @h.suite("peers")
 def run(ctx: h.Context) -> list[h.SummaryRow]:
   """Runs the peers suite; writes `peers.md` and `peers.json`."""
+  with q.quick_compiles(ctx.quick):
+    return _run(ctx)
+
+
+def _run(ctx: h.Context) -> list[h.SummaryRow]:
   torch = h.optional_torch()
   if torch is None:
     raise RuntimeError("the peers suite compares against PyTorch; install torch (CPU build).")
