@@ -17,6 +17,13 @@ from softmax_alts._hierarchical import HierarchicalParams
 from softmax_alts._hierarchical import hierarchical
 from softmax_alts._nce import nce
 from softmax_alts._nce import negative_sampling
+from softmax_alts._parallel import vocab_parallel_adaptive
+from softmax_alts._parallel import vocab_parallel_full
+from softmax_alts._parallel import vocab_parallel_nce
+from softmax_alts._parallel import vocab_parallel_negative_sampling
+from softmax_alts._parallel import vocab_parallel_sampled
+from softmax_alts._parallel import vocab_parallel_self_normalized
+from softmax_alts._parallel import vocab_parallel_specs
 from softmax_alts._sampled import sampled
 from softmax_alts._samplers import Sampler
 from softmax_alts._samplers import in_batch
