@@ -43,4 +43,13 @@ from train._checkpoint import Checkpoints
 from train._metrics import MetricsLog
 from train._metrics import plot_metrics
 from train._metrics import read_metrics
+from train._distributed import batch_sharding
+from train._distributed import global_batch
+from train._distributed import initialize
+from train._distributed import make_mesh
+from train._distributed import make_sharded_train_step
+from train._distributed import process_rows
+from train._distributed import put_sharded
+from train._distributed import sharded_language_model
+from train._distributed import state_shardings
 from train._cli import main

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from train import _distributed
 from train._batching import batchify
 from train._checkpoint import (Checkpoints, config_differences, has_run, load_config, load_vocab,
                                save_config, save_vocab)
@@ -39,7 +40,7 @@ SYNTHETIC = "synthetic"
 RESUMABLE = ("epochs", "max_steps", "patience", "log_interval", "keep",
              "eval_batch_size")
 # Flags that describe this invocation, not the run: never saved.
-TRANSIENT = ("save", "resume", "quiet")
+TRANSIENT = ("save", "resume", "quiet", "mesh", "coordinator", "num_processes", "process_id")
 METRICS_LOG = "metrics.jsonl"
 METRICS_PLOT = "metrics.png"
 # With no validation split, this fraction of the training tokens is held out as one.
@@ -227,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between progress updates and metrics log records")
   run.add_argument("--quiet", action="store_true",
                    help="no progress bar or periodic lines (also off when stderr is not a TTY)")
+
+  scale = p.add_argument_group("scale-out (see the README's \"Scaling out\")")
+  scale.add_argument("--mesh", default=None,
+                     help="device mesh data=D,model=M: the batch rows split over D devices, the "
+                          "vocabulary over M (softmax full, selfnorm, sampled, nce, ns, "
+                          "adaptive; V a multiple of M) (default: every device on data, as many "
+                          "as divide --batch-size)")
+  scale.add_argument("--coordinator", default=None,
+                     help="many hosts: host:port of process 0; with --num-processes and "
+                          "--process-id, joins the processes (jax.distributed.initialize)")
+  scale.add_argument("--num-processes", type=_positive_int, default=None,
+                     help="many hosts: the number of processes")
+  scale.add_argument("--process-id", type=_non_negative_int, default=None,
+                     help="many hosts: this process's index, from 0")
   return p
 
 
@@ -263,7 +278,8 @@ def _merge_resumed(args: argparse.Namespace, explicit: set[str]) -> argparse.Nam
       merged[key] = current[key]
   for key in current:
     merged.setdefault(key, current[key])
-  return argparse.Namespace(**merged, save=args.save, resume=True, quiet=args.quiet)
+  merged = {k: v for k, v in merged.items() if k not in TRANSIENT}
+  return argparse.Namespace(**merged, **{k: getattr(args, k) for k in TRANSIENT})
 
 
 def _load_corpus(args):
@@ -368,10 +384,12 @@ def _open_run(args, model, vocab, state, echo):
   if not args.resume:
     config = _run_config(args)
     config["model"] = model.config._asdict()
-    save_config(run_dir, config)
-    save_vocab(run_dir, vocab)
-    return (Checkpoints(run_dir, keep=args.keep), MetricsLog(run_dir / METRICS_LOG), state,
-            new_loop_record(), None)
+    if _distributed.is_primary():  # with many processes, one writes the run's files
+      save_config(run_dir, config)
+      save_vocab(run_dir, vocab)
+    _distributed.barrier("train:run-folder")
+    log = MetricsLog(run_dir / METRICS_LOG) if _distributed.is_primary() else None
+    return Checkpoints(run_dir, keep=args.keep), log, state, new_loop_record(), None
   if load_vocab(run_dir) != vocab:
     raise ValueError(f"--resume: the corpus's vocabulary differs from the one saved in "
                      f"`{run_dir}`; the data changed.")
@@ -392,7 +410,8 @@ def _open_run(args, model, vocab, state, echo):
     checkpoints.close()
     raise
   echo(f"| resume | step {step} from `{run_dir}`")
-  return checkpoints, MetricsLog(run_dir / METRICS_LOG, resume_step=step), state, loop, best
+  log = MetricsLog(run_dir / METRICS_LOG, resume_step=step) if _distributed.is_primary() else None
+  return checkpoints, log, state, loop, best
 
 
 def _run(args: argparse.Namespace, explicit: set[str]) -> int:
@@ -404,9 +423,12 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
     raise ValueError(f"--save `{args.save}` is not a folder.")
   if args.resume:
     args = _merge_resumed(args, explicit)
-  elif args.save and has_run(args.save):
+  mesh = _distributed.mesh_from_flags(args.mesh, args.batch_size, args.coordinator,
+                                      args.num_processes, args.process_id)
+  if not args.resume and args.save and has_run(args.save):
     raise ValueError(f"--save `{args.save}` already holds a run; pass --resume to continue it, "
                      "or choose another folder (a checkpoint is never overwritten).")
+  _distributed.barrier("train:checked")  # every process has looked before one writes
   if args.proj is not None and args.cell != "lstm":
     raise ValueError(f"--proj needs --cell lstm; got --cell {args.cell}.")
 
@@ -415,8 +437,13 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
   train_ids, valid_ids, test_ids = _splits(corpus, echo)
   opt = optimizer(args.optimizer, args.lr, clip=args.clip or None,
                   sparse_output=not args.dense_output)
-  model, train_step, evaluate = _compiled(_model_config(args, len(vocab)), vocab.counts, opt,
-                                          args.bptt)
+  if mesh is None:
+    model, train_step, evaluate = _compiled(_model_config(args, len(vocab)), vocab.counts, opt,
+                                            args.bptt)
+  else:
+    model = _distributed.sharded_language_model(_model_config(args, len(vocab)), vocab.counts,
+                                                mesh)
+    evaluate = make_evaluator(model, bptt=args.bptt)
   train_data = _batches(train_ids, args.batch_size, "training", "--batch-size")
   valid_data = _batches(valid_ids, args.eval_batch_size, "validation", "--eval-batch-size")
   test_data = None if test_ids is None else _batches(test_ids, args.eval_batch_size, "test",
@@ -426,6 +453,8 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
                      f"({train_data.shape[1]} tokens with --batch-size {args.batch_size}).")
   init_key, _ = train_keys(args.seed)
   state = init_train_state(model, opt, init_key, args.batch_size)
+  if mesh is not None:
+    state, train_step = _distributed.shard_training(model, opt, mesh, state)
   loop_config = LoopConfig(epochs=args.epochs, max_steps=args.max_steps, bptt=args.bptt,
                            eval_interval=args.eval_interval, decay=args.decay,
                            lr_decay=args.lr_decay, decay_after=args.decay_after,
@@ -445,7 +474,8 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
     echo(f"| data | {source} | V {len(vocab):,} | tokens: {sizes}")
     echo(f"| model | {_describe(model)} | {_count_params(state.params):,} parameters | "
          f"{args.optimizer} lr {args.lr:g}, clip {args.clip:g} | batch {args.batch_size} x "
-         f"bptt {args.bptt} | {jax.devices()[0].platform}")
+         f"bptt {args.bptt} | {jax.devices()[0].platform}"
+         + ("" if mesh is None else f" | mesh {_distributed.describe(mesh)}"))
     result = fit(model, opt, state, train_data, valid_data, config=loop_config, loop=loop,
                  checkpoints=checkpoints, log=log, best=best, quiet=args.quiet,
                  train_step=train_step, evaluate=evaluate, echo=echo)

@@ -358,7 +358,8 @@ def _dropout(key, x, rate: float):
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
-def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray) -> LanguageModel:
+def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
+                   layer=None) -> LanguageModel:
   """Makes a recurrent language model: embedding, `rnn.stack`, a `softmax_alts` output layer.
 
   The recipe of Zaremba et al. (2014): word vectors, a stack of LSTMs (or GRUs, Elman RNNs,
@@ -373,6 +374,8 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray) -> L
     counts: `[V]` token counts of the vocabulary (ids by descending frequency); the Huffman
       tree, the classes, the D-softmax bands, the adaptive cutoffs and the unigram sampler are
       built from them.
+    layer: an `OutputLayer` to use instead of the one `config.softmax` names, over the same
+      parameters (e.g. its vocabulary-parallel form, see `train.sharded_language_model`).
 
   Returns:
     A `LanguageModel`.
@@ -391,7 +394,7 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray) -> L
   config = check_config(config, counts)
   counts = np.asarray(counts)
   cell = _make_cell(config)
-  layer = _make_layer(config, counts)
+  layer = _make_layer(config, counts) if layer is None else layer
   vocab_size, emsize, rate = config.vocab_size, config.emsize, config.dropout
   hidden_size = cell.output_size
 
