@@ -66,7 +66,7 @@ class Settings(NamedTuple):
   emsize: int = 256
   nhid: int = 256
   nlayers: int = 1
-  dropout: float = 0.2
+  dropout: float = 0.5
   batch_size: int = 20
   eval_batch_size: int = 10
   bptt: int = 35
@@ -75,7 +75,7 @@ class Settings(NamedTuple):
   clip: float = 0.25
   epochs: int = 3
   lr_decay: float = 4.0
-  decay_after: int = 2
+  decay_after: int = 1
   patience: int = 3
   seed: int = 0
   synthetic_tokens: int = 100_000
@@ -415,9 +415,13 @@ def bar_verdict(rows: list[dict]) -> dict | None:
   speedup = full["train_time_s"] / adaptive["train_time_s"]
   step_speedup = (full["step"].median / adaptive["step"].median
                   if full["step"] is not None and adaptive["step"] is not None else float("nan"))
+  # Judged on the smaller of the two speed-ups: a burst of load during one method's epochs
+  # moves its wall time, not the interleaved step medians.
+  judged = min(speedup, step_speedup) if math.isfinite(step_speedup) else speedup
   return {"ppl_ratio": ratio, "speedup": speedup, "step_speedup": step_speedup,
-          "bar_met": ratio <= 1 + BAR_WITHIN and speedup >= BAR_SPEEDUP,
-          "goal_met": ratio <= 1 + GOAL_WITHIN and speedup >= GOAL_SPEEDUP}
+          "judged_speedup": judged,
+          "bar_met": ratio <= 1 + BAR_WITHIN and judged >= BAR_SPEEDUP,
+          "goal_met": ratio <= 1 + GOAL_WITHIN and judged >= GOAL_SPEEDUP}
 
 
 def _plot(results: dict[str, dict]):
@@ -527,7 +531,11 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
              "holds out when no validation split is named"])
   md += ("\nColumns as Table 1 of Grave et al. (2017): test perplexity and training time of "
          "each output layer. *ppl / full* and *time: full / this* compare with the full "
-         "softmax trained in the same interleaved run (time above 1x: faster).\n")
+         "softmax trained in the same interleaved run (time above 1x: faster); *step: full / "
+         "this* compares the interleaved single-step medians, which a burst of load on the "
+         "machine does not move. Every perplexity is the exact normalized one: `ns` (negative "
+         "sampling) trains unnormalized scores and `nce` only approximately self-normalized "
+         "ones, so their softmax perplexity is not what they optimise.\n")
   summary: list[h.SummaryRow] = []
   for spec in specs:
     r = results[spec.name]
@@ -553,7 +561,8 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
         text += (f"; bar (within {BAR_WITHIN:.0%} at >= {BAR_SPEEDUP:g}x): "
                  f"{'met' if verdict['bar_met'] else 'NOT met'}; goal (within "
                  f"{GOAL_WITHIN:.0%} at >= {GOAL_SPEEDUP:g}x): "
-                 f"{'met' if verdict['goal_met'] else 'not met'}; judged on the training time")
+                 f"{'met' if verdict['goal_met'] else 'not met'}; judged on the smaller "
+                 "speed-up")
         md += f"\n**Bar** — {text}.\n"
       summary.append(h.SummaryRow("quality", spec.name, text))
     fastest = min(r["rows"], key=lambda row: row["train_time_s"])
