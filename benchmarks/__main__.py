@@ -19,6 +19,8 @@ SUITE_MODULES = (
     "benchmarks._softmax",
     "benchmarks._quality",
     "benchmarks._peers",
+    "benchmarks._gradients",
+    "benchmarks._memory",
     "benchmarks._scaling",
 )
 """Modules that register a suite with `@_harness.suite(name)`, in the order suites run."""
