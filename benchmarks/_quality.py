@@ -462,7 +462,7 @@ class quick_compiles:
 
   def __enter__(self):
     if self.quick:
-      self.saved = jax.config.jax_disable_most_optimizations
+      self.saved = jax.config.read("jax_disable_most_optimizations")
       jax.config.update("jax_disable_most_optimizations", True)
     return self
 
