@@ -532,6 +532,21 @@ def rss_probes(jobs: Sequence[tuple[str, dict[str, Any]]], *, threads: int, para
     return [f.result() for f in futures]
 
 
+def _settled_rss_kib(timeout_s: float = 5.0) -> int | None:
+  """The resident set once it stops shrinking: XLA returns a step's buffers asynchronously
+  after its outputs are ready (about 0.5 s for 4 GiB), so reading it at once would count the
+  warm-up step's buffers as already held."""
+  rss = _status_kib("VmRSS")
+  deadline = time.perf_counter() + timeout_s
+  while rss is not None and time.perf_counter() < deadline:
+    time.sleep(0.05)
+    now = _status_kib("VmRSS")
+    if now >= rss:
+      return now
+    rss = now
+  return rss
+
+
 def _probe_main(argv: Sequence[str]) -> None:
   target, spec, threads = argv
   module, func = target.split(":")
@@ -540,7 +555,7 @@ def _probe_main(argv: Sequence[str]) -> None:
     sys.modules["torch"].set_num_threads(int(threads))
   block(run())  # warm-up: thread pools, code pages and lazy initialisation are not the step's
   gc.collect()
-  before = _status_kib("VmRSS")
+  before = _settled_rss_kib()
   if before is not None and _reset_peak_rss():
     out = run()
     block(out)
