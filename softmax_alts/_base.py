@@ -27,6 +27,29 @@ class OutputLayer(NamedTuple):
   log_probs: Callable[..., jax.Array]
 
 
+class RowLoss(NamedTuple):
+  """A loss written as a function of the table rows it reads (private: see `_sparse.py`).
+
+  A layer whose loss touches only some rows of its `[R, H]` table and `[R]` bias exposes
+  `loss.row_loss(params, hidden, targets, *, key) -> RowLoss`, which checks the inputs, picks
+  the rows, and leaves the differentiation to `sparse_loss_and_grads`.
+
+  Attributes:
+    ids: a tuple of int32 arrays of any shapes, row ids that are safe to gather (in `[0, R)`).
+    keep: a tuple, one entry per `ids` array: None, or a bool array of its shape; False marks
+      padding, an entry that reads no row (its id is dropped and its gradient is zero).
+    values: `values(hidden [N, H], table_rows, bias_rows) -> [N]` the per-token loss, where
+      `table_rows[i] = table[ids[i]]` (shape `ids[i].shape + (H,)`) and
+      `bias_rows[i] = bias[ids[i]]`.
+    valid: `[N]` bool, False for a target outside the vocabulary (its loss becomes NaN).
+  """
+
+  ids: tuple
+  keep: tuple
+  values: Callable[..., jax.Array]
+  valid: jax.Array
+
+
 def check_hidden(hidden, name: str = "hidden") -> None:
   """Raises `ValueError` unless `hidden` is a floating `[N, H]` array (checked at trace time)."""
   if jnp.ndim(hidden) != 2:

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_alts._base import OutputLayer, check_hidden, check_targets, nan_where_invalid
+from softmax_alts._base import (OutputLayer, RowLoss, check_hidden, check_targets,
+                                nan_where_invalid)
 from softmax_alts._trees import Tree, check_tree
 
 
@@ -31,6 +32,24 @@ def _check_params(params: HierarchicalParams, hidden, num_nodes: int) -> None:
   if jnp.shape(params.bias) != (num_nodes,):
     raise ValueError(f"`params.bias` must be [V-1] = [{num_nodes}]; "
                      f"got {jnp.shape(params.bias)}.")
+
+
+def _path_log_prob(hidden, vectors, bias_rows, sign) -> jax.Array:
+  """log p of each target from the rows of its path's nodes.
+
+  Args:
+    hidden: `[N, H]`.
+    vectors: `[N, D, H]` the node vectors along each target's path.
+    bias_rows: `[N, D]` their biases.
+    sign: `[N, D]` the branch signs, 0 past the path's end (those entries add nothing).
+
+  Returns:
+    `[N]` sum_d log sigmoid(s_d * (u_{n_d} . h + c_{n_d})).
+  """
+  sign = sign.astype(hidden.dtype)
+  scores = jnp.einsum("ndh,nh->nd", vectors, hidden) + bias_rows
+  terms = jnp.where(sign != 0, jax.nn.log_sigmoid(sign * scores), 0)
+  return jnp.sum(terms, axis=1)
 
 
 def _levels(tree: Tree):
@@ -88,7 +107,10 @@ def hierarchical(tree: Tree) -> OutputLayer:
   path, so it costs O(N * D * H) instead of the full softmax's O(N * V * H), where D is the
   depth of the tree (static shapes pad every path to it): ceil(log2 V) for a balanced tree; a
   Huffman tree has shorter paths on average (close to the entropy of the counts, in bits) but a
-  longer longest path. `log_probs` computes the V - 1 node scores once (one `[N, H] x [H, V-1]`
+  longer longest path. The gradient w.r.t. the `[V-1, H]` node table touches at most N * D
+  rows: `sparse_loss_and_grads(layer, params, hidden, targets)` returns it as those rows only
+  and `apply_row_update` scatters the step into the table, so a training step need not read or
+  write the whole table. `log_probs` computes the V - 1 node scores once (one `[N, H] x [H, V-1]`
   GEMM) and then the log probability of every node top down, one tree level at a time:
   O(N * V * H + N * V).
 
@@ -136,11 +158,9 @@ def hierarchical(tree: Tree) -> OutputLayer:
     valid = (targets >= 0) & (targets < num_words)  # NaN for a bad id under jit
     targets = jnp.where(valid, targets, 0).astype(jnp.int32)
     node_ids = jnp.asarray(paths)[targets]                                # [N, D]
-    sign = jnp.asarray(signs)[targets].astype(hidden.dtype)               # [N, D]
-    vectors = params.nodes[node_ids]                                      # [N, D, H]
-    scores = jnp.einsum("ndh,nh->nd", vectors, hidden) + params.bias[node_ids]
-    terms = jnp.where(sign != 0, jax.nn.log_sigmoid(sign * scores), 0)
-    return nan_where_invalid(jnp.sum(terms, axis=1), valid)
+    sign = jnp.asarray(signs)[targets]                                    # [N, D]
+    values = _path_log_prob(hidden, params.nodes[node_ids], params.bias[node_ids], sign)
+    return nan_where_invalid(values, valid)
 
   @jax.jit
   def all_log_probs(params: HierarchicalParams, hidden) -> jax.Array:
@@ -169,6 +189,26 @@ def hierarchical(tree: Tree) -> OutputLayer:
   def loss(params: HierarchicalParams, hidden, targets, *, key=None) -> jax.Array:
     del key  # exact: nothing is sampled
     return -log_prob(params, hidden, targets)
+
+  def row_loss(params: HierarchicalParams, hidden, targets, *, key=None) -> RowLoss:
+    """`loss` as a function of the node rows on the targets' paths (see `_sparse.py`)."""
+    del key  # exact: nothing is sampled
+    check_hidden(hidden)
+    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
+    _check_params(params, hidden, num_nodes)
+    valid = check_targets(targets, num_words, jnp.shape(hidden)[0])
+    targets = jnp.where(valid, jnp.asarray(targets), 0).astype(jnp.int32)
+    node_ids = jnp.asarray(paths)[targets]                                # [N, D]
+    sign = jnp.asarray(signs)[targets]                                    # [N, D]
+    on_path = (sign != 0) & valid[:, None]  # padding and bad targets read no row
+
+    def values(hidden, table_rows, bias_rows):
+      (vectors,), (bias_rows,) = table_rows, bias_rows
+      return -_path_log_prob(hidden, vectors, bias_rows, sign)
+
+    return RowLoss(ids=(node_ids,), keep=(on_path,), values=values, valid=valid)
+
+  loss.row_loss = row_loss  # Read by `sparse_loss_and_grads`.
 
   def log_probs(params: HierarchicalParams, hidden) -> jax.Array:
     check_hidden(hidden)

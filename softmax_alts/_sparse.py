@@ -1,11 +1,12 @@
-"""Row-sparse training for the sampling losses: O(k H) per step in the output layer, not O(V H).
+"""Row-sparse training: the output layer's step costs what the loss touches, not O(V H).
 
 The gradient of `sampled`, `nce` or `negative_sampling` w.r.t. the `[V, H]` table is nonzero
-only on the target and sampled rows. Autodiff through `w[ids]` still materializes it as a dense
-`[V, H]` array (a scatter into zeros) and an optimizer then reads and writes the whole table.
-Here the loss is differentiated w.r.t. the gathered rows themselves, the result is a `RowGrad`,
-and the update scatters into the table with `.at[ids].add`, in place when the step is jitted
-with the params donated:
+only on the target and sampled rows; that of `hierarchical` w.r.t. the `[V-1, H]` node table
+only on the nodes along the targets' paths (at most N * D rows for a tree of depth D). Autodiff
+through `w[ids]` still materializes it as a dense table-sized array (a scatter into zeros) and
+an optimizer then reads and writes the whole table. Here the loss is differentiated w.r.t. the
+gathered rows themselves, the result is a `RowGrad`, and the update scatters into the table with
+`.at[ids].add`, in place when the step is jitted with the params donated:
 
 ```python
 @functools.partial(jax.jit, donate_argnums=0)
@@ -16,9 +17,11 @@ def step(params, hidden, targets, key):
 ```
 
 `hidden_grad` is the cotangent to feed back into the network that produced `hidden` (e.g. with
-`jax.vjp`). On a 2-core CPU with V = 100K, H = 512, N = 1024 and k = 1024 shared negatives,
-this step took about 30 ms against about 95 ms for the same loss with the dense `[V, H]`
-gradient and SGD (and about 2.5 s for a full-softmax step).
+`jax.vjp`). The same code serves `FullParams(w, b)` (the sampling losses) and
+`HierarchicalParams(nodes, bias)` (`hierarchical`, whose `key` may be None). On a 2-core CPU
+with V = 100K, H = 512, N = 1024 and k = 1024 shared negatives, the sampled step took about
+30 ms against about 95 ms for the same loss with the dense `[V, H]` gradient and SGD (and about
+2.5 s for a full-softmax step); for the hierarchical softmax see `hierarchical`.
 
 For optax optimizers, `row_wise(tx)` applies any element-wise optax transformation
 (sgd, adagrad, adam, ...) to the touched rows only, "lazily" in the manner of TensorFlow's
@@ -31,20 +34,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softmax_alts._base import OutputLayer, nan_where_invalid
+from softmax_alts._base import OutputLayer, RowLoss, nan_where_invalid
 from softmax_alts._full import FullParams
-from softmax_alts._sampled import check_sampling_inputs
-
+from softmax_alts._hierarchical import HierarchicalParams
+from softmax_alts._sampled import RowForm, check_sampling_inputs
 
 class RowGrad(NamedTuple):
-  """Gradient (or update) rows of a `FullParams` table: row `ids[m]` gets `w_rows[m]`, `b_rows[m]`.
+  """Gradient (or update) rows of a table: row `ids[m]` gets `w_rows[m]`, `b_rows[m]`.
 
-  Ids may repeat (their rows add up); an id outside `[0, V)` is dropped on update.
+  The table is `FullParams(w [V, H], b [V])` or `HierarchicalParams(nodes [V-1, H],
+  bias [V-1])`: `w_rows` are rows of its `[R, H]` matrix (`w` or `nodes`) and `b_rows` entries
+  of its `[R]` bias (`b` or `bias`). Ids may repeat (their rows add up); an id outside `[0, R)`
+  is dropped on update.
 
   Attributes:
     ids: `[M]` int32 row ids.
-    w_rows: `[M, H]` rows for `w`.
-    b_rows: `[M]` entries for `b`.
+    w_rows: `[M, H]` rows for `w` (or `nodes`).
+    b_rows: `[M]` entries for `b` (or `bias`).
   """
 
   ids: jax.Array
@@ -52,63 +58,116 @@ class RowGrad(NamedTuple):
   b_rows: jax.Array
 
 
-def sparse_loss_and_grads(layer: OutputLayer, params: FullParams, hidden: jax.Array,
-                          targets: jax.Array, *, key: jax.Array,
-                          weights: jax.Array | None = None):
+_TABLES = (FullParams, HierarchicalParams)
+
+
+def _table(params, name: str = "params"):
+  """`(matrix [R, H], bias [R])` of a `FullParams` or `HierarchicalParams`, else `ValueError`."""
+  if not isinstance(params, _TABLES):
+    raise ValueError(f"`{name}` must be FullParams(w, b) or HierarchicalParams(nodes, bias) "
+                     f"(a table with a row-sparse update); got {type(params).__name__}.")
+  return params[0], params[1]
+
+
+def _sampling_row_loss(row_form: RowForm, params, hidden, targets, key) -> RowLoss:
+  """The `RowLoss` of a sampling loss: target rows, then the sampled rows."""
+  valid, targets = check_sampling_inputs(row_form.sampler, params, hidden, targets, key)
+  sample_ids = row_form.draw(key, targets).astype(jnp.int32)
+
+  def values(hidden, table_rows, bias_rows):
+    (w_t, w_s), (b_t, b_s) = table_rows, bias_rows
+    return row_form.rows_loss(hidden, targets, w_t, b_t, sample_ids, w_s, b_s)
+
+  return RowLoss(ids=(targets, sample_ids), keep=(None, None), values=values, valid=valid)
+
+
+def _row_loss(layer, params, hidden, targets, key) -> RowLoss:
+  """The layer's loss as a function of the rows it reads, or `ValueError` if it has none."""
+  loss = getattr(layer, "loss", None)
+  row_form = getattr(loss, "row_form", None)
+  if row_form is not None:
+    _table(params)
+    return _sampling_row_loss(row_form, params, hidden, targets, key)
+  row_loss = getattr(loss, "row_loss", None)
+  if row_loss is not None:
+    _table(params)
+    return row_loss(params, hidden, targets, key=key)
+  raise ValueError("`layer` must be an OutputLayer made by hierarchical or by sampled, nce or "
+                   "negative_sampling (the losses whose gradient touches only some rows); got "
+                   f"{type(layer).__name__} without a row-sparse path (e.g. full, class_based, "
+                   "adaptive).")
+
+
+def sparse_loss_and_grads(layer: OutputLayer, params, hidden: jax.Array, targets: jax.Array, *,
+                          key: jax.Array | None = None, weights: jax.Array | None = None):
   """The loss and its gradients, with the table's gradient as touched rows only.
 
   Differentiates `J = sum_n weights_n * loss_n` (`weights` defaults to `1 / N`: the mean) with
   the same negatives that `layer.loss(params, hidden, targets, key=key)` draws, so
-  `scatter_add(row_grad)` equals the dense `grad(J, params)` exactly. Costs O((N + M) H) with
-  `M = N + k` touched rows (`N + N k` with per-example negatives), independent of V.
+  `scatter_add(row_grad)` equals the dense `grad(J, params)` exactly. The loss is
+  differentiated w.r.t. the gathered rows, never the whole table, so the cost is independent of
+  V: O((N + M) H) with `M = N + k` touched rows for the sampling losses (`N + N k` with
+  per-example negatives), and O(N D H) with `M = N D` for `hierarchical` (tree depth D).
 
   Args:
-    layer: an `OutputLayer` made by `sampled`, `nce` or `negative_sampling`.
-    params: `FullParams(w [V, H], b [V])`.
+    layer: an `OutputLayer` made by `sampled`, `nce`, `negative_sampling` (over `FullParams`)
+      or `hierarchical` (over `HierarchicalParams`).
+    params: the layer's params: `FullParams(w [V, H], b [V])` or
+      `HierarchicalParams(nodes [V-1, H], bias [V-1])`.
     hidden: `[N, H]`.
     targets: `[N]` ids in `[0, V)` (`ValueError` outside jit; NaN losses under jit).
-    key: a `jax.random.key` for the negatives (required).
+    key: a `jax.random.key` for the negatives (required by the sampling losses; `hierarchical`
+      ignores it).
     weights: optional `[N]` per-token weights of the objective (e.g. a padding mask / count).
 
   Returns:
     `(loss [N], hidden_grad [N, H], row_grad)`: the per-token losses, `dJ/dhidden`, and a
-    `RowGrad(ids [M], w_rows [M, H], b_rows [M])` with ids `concat(targets, sampled ids)`
-    (duplicates allowed: rows with the same id add up).
+    `RowGrad(ids [M], w_rows [M, H], b_rows [M])` (duplicates allowed: rows with the same id
+    add up). Sampling losses: ids `concat(targets, sampled ids)`. `hierarchical`: ids
+    `paths[targets].reshape(-1)` (`[N D]`, token-major), where an entry past a word's path (or
+    of a target outside `[0, V)`) has id V-1, outside the table, and zero rows: it touches
+    nothing.
   """
-  row_form = getattr(getattr(layer, "loss", None), "row_form", None)
-  if row_form is None:
-    raise ValueError("`layer` must be an OutputLayer made by sampled, nce or negative_sampling "
-                     "(the losses whose gradient touches only some rows); got "
-                     f"{type(layer).__name__}.")
-  valid, targets = check_sampling_inputs(row_form.sampler, params, hidden, targets, key)
-  num_rows, hidden_size = hidden.shape
+  form = _row_loss(layer, params, hidden, targets, key)
+  table, bias = _table(params)
+  num_table_rows, hidden_size = table.shape
+  num_rows = hidden.shape[0]
   if weights is None:
     weights = jnp.full((num_rows,), 1.0 / num_rows, hidden.dtype)
   elif jnp.shape(weights) != (num_rows,):
     raise ValueError(f"`weights` must be [N] with N = {num_rows}; got shape "
                      f"{jnp.shape(weights)}.")
-  sample_ids = row_form.draw(key, targets)
 
-  def objective(hidden, w_t, b_t, w_s, b_s):
-    values = row_form.rows_loss(hidden, targets, w_t, b_t, sample_ids, w_s, b_s)
-    values = nan_where_invalid(values, valid)
+  def objective(hidden, table_rows, bias_rows):
+    values = nan_where_invalid(form.values(hidden, table_rows, bias_rows), form.valid)
     return jnp.sum(weights.astype(values.dtype) * values), values
 
-  (_, values), grads = jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4), has_aux=True)(
-      hidden, params.w[targets], params.b[targets], params.w[sample_ids], params.b[sample_ids])
-  hidden_grad, dw_t, db_t, dw_s, db_s = grads
-  row_grad = RowGrad(
-      ids=jnp.concatenate([targets, sample_ids.reshape(-1).astype(jnp.int32)]),
-      w_rows=jnp.concatenate([dw_t, dw_s.reshape(-1, hidden_size)]),
-      b_rows=jnp.concatenate([db_t, db_s.reshape(-1)]))
+  table_rows = tuple(table[ids] for ids in form.ids)
+  bias_rows = tuple(bias[ids] for ids in form.ids)
+  (_, values), (hidden_grad, d_table, d_bias) = jax.value_and_grad(
+      objective, argnums=(0, 1, 2), has_aux=True)(hidden, table_rows, bias_rows)
+  all_ids, all_w, all_b = [], [], []
+  for ids, keep, dw, db in zip(form.ids, form.keep, d_table, d_bias):
+    ids, dw, db = ids.reshape(-1).astype(jnp.int32), dw.reshape(-1, hidden_size), db.reshape(-1)
+    if keep is not None:  # padding: an id outside the table (dropped) and zero rows
+      keep = keep.reshape(-1)
+      ids = jnp.where(keep, ids, num_table_rows)
+      dw = jnp.where(keep[:, None], dw, jnp.zeros((), dw.dtype))
+      db = jnp.where(keep, db, jnp.zeros((), db.dtype))
+    all_ids.append(ids)
+    all_w.append(dw)
+    all_b.append(db)
+  row_grad = RowGrad(ids=jnp.concatenate(all_ids), w_rows=jnp.concatenate(all_w),
+                     b_rows=jnp.concatenate(all_b))
   return values, hidden_grad, row_grad
 
 
-def _check_rows(params: FullParams, rows: RowGrad, name: str) -> None:
+def _check_rows(params, rows: RowGrad, name: str) -> None:
   if not isinstance(rows, RowGrad):
     raise ValueError(f"`{name}` must be a RowGrad; got {type(rows).__name__}.")
+  table, _ = _table(params)
   num_ids = jnp.shape(rows.ids)[0] if jnp.ndim(rows.ids) == 1 else None
-  hidden_size = jnp.shape(params.w)[1]
+  hidden_size = jnp.shape(table)[1]
   if (num_ids is None or jnp.shape(rows.w_rows) != (num_ids, hidden_size)
       or jnp.shape(rows.b_rows) != (num_ids,)):
     raise ValueError(f"`{name}` must hold ids [M], w_rows [M, {hidden_size}] and b_rows [M]; "
@@ -116,57 +175,61 @@ def _check_rows(params: FullParams, rows: RowGrad, name: str) -> None:
                      f"{jnp.shape(rows.b_rows)}.")
 
 
-def apply_row_update(params: FullParams, row_grad: RowGrad, learning_rate) -> FullParams:
+def _add_rows(params, rows: RowGrad, scale=None):
+  """`params` of the same type with `scale * rows` added at `rows.ids` (out of range: dropped)."""
+  table, bias = _table(params)
+  w_rows, b_rows = rows.w_rows.astype(table.dtype), rows.b_rows.astype(bias.dtype)
+  if scale is not None:
+    w_rows = jnp.asarray(scale, table.dtype) * w_rows
+    b_rows = jnp.asarray(scale, bias.dtype) * b_rows
+  return type(params)(table.at[rows.ids].add(w_rows, mode="drop"),
+                      bias.at[rows.ids].add(b_rows, mode="drop"))
+
+
+def apply_row_update(params, row_grad: RowGrad, learning_rate):
   """Sparse SGD: `w[ids] -= learning_rate * w_rows`, `b[ids] -= learning_rate * b_rows`.
 
   Equal to the dense SGD step `params - learning_rate * grad` (untouched rows have zero
   gradient). In place under `jax.jit(..., donate_argnums=...)` with `params` donated.
 
   Args:
-    params: `FullParams(w [V, H], b [V])`.
+    params: `FullParams(w [V, H], b [V])` or `HierarchicalParams(nodes [V-1, H], bias [V-1])`.
     row_grad: `RowGrad(ids [M], w_rows [M, H], b_rows [M])`, e.g. from `sparse_loss_and_grads`.
     learning_rate: a scalar.
 
   Returns:
-    The updated `FullParams`.
+    The updated params, of the same type as `params`.
   """
   _check_rows(params, row_grad, "row_grad")
-  lr_w = jnp.asarray(learning_rate, params.w.dtype)
-  lr_b = jnp.asarray(learning_rate, params.b.dtype)
-  return FullParams(
-      w=params.w.at[row_grad.ids].add(-lr_w * row_grad.w_rows.astype(params.w.dtype),
-                                      mode="drop"),
-      b=params.b.at[row_grad.ids].add(-lr_b * row_grad.b_rows.astype(params.b.dtype),
-                                      mode="drop"))
+  return _add_rows(params, row_grad, -jnp.asarray(learning_rate))
 
 
-def apply_row_updates(params: FullParams, updates: RowGrad) -> FullParams:
+def apply_row_updates(params, updates: RowGrad):
   """Adds update rows to the table, the row-wise `optax.apply_updates`: `w[ids] += w_rows`.
 
   Args:
-    params: `FullParams(w [V, H], b [V])`.
+    params: `FullParams(w [V, H], b [V])` or `HierarchicalParams(nodes [V-1, H], bias [V-1])`.
     updates: `RowGrad` of updates, e.g. from `row_wise(tx).update`.
 
   Returns:
-    The updated `FullParams`.
+    The updated params, of the same type as `params`.
   """
   _check_rows(params, updates, "updates")
-  return FullParams(
-      w=params.w.at[updates.ids].add(updates.w_rows.astype(params.w.dtype), mode="drop"),
-      b=params.b.at[updates.ids].add(updates.b_rows.astype(params.b.dtype), mode="drop"))
+  return _add_rows(params, updates)
 
 
 def merge_rows(rows: RowGrad, vocab_size: int) -> RowGrad:
-  """Sums rows with equal ids, with static shapes: `[M]` slots, unused slots get id V and zeros.
+  """Sums rows with equal ids, with static shapes: `[M]` slots, unused slots get id R and zeros.
 
-  Ids outside `[0, V)` are sent to the unused id V. Every id in `[0, V)` appears at most once.
+  Ids outside `[0, R)` are sent to the unused id R. Every id in `[0, R)` appears at most once.
 
   Args:
     rows: `RowGrad(ids [M], w_rows [M, H], b_rows [M])`.
-    vocab_size: V.
+    vocab_size: R, the table's number of rows (V for `FullParams`, V-1 for
+      `HierarchicalParams`).
 
   Returns:
-    A `RowGrad` of the same shapes whose ids in `[0, V)` are distinct.
+    A `RowGrad` of the same shapes whose ids in `[0, R)` are distinct.
   """
   ids = jnp.asarray(rows.ids).astype(jnp.int32)
   num_ids = ids.shape[0]
@@ -198,7 +261,7 @@ def row_wise(tx: optax.GradientTransformation) -> RowOptimizer:
   """Applies an element-wise optax transformation to the touched rows only ("lazy" updates).
 
   Rows with equal ids are summed first (`merge_rows`); then every state leaf whose leading axis
-  is V (Adam's moments, Adagrad's accumulators, ...) is gathered at the touched rows, `tx`
+  is the table's R rows (Adam's moments, Adagrad's accumulators, ...) is gathered at the touched rows, `tx`
   updates those rows, and the new state rows are scattered back. Scalars (step counts) are
   global. Untouched rows keep their parameters and their state, so the step costs O(M H).
 
@@ -210,7 +273,8 @@ def row_wise(tx: optax.GradientTransformation) -> RowOptimizer:
   dense gradient's.
 
   Args:
-    tx: an `optax.GradientTransformation` over `FullParams`.
+    tx: an `optax.GradientTransformation` over the params: `FullParams` or
+      `HierarchicalParams`.
 
   Returns:
     A `RowOptimizer(init, update)`.
@@ -225,25 +289,27 @@ def row_wise(tx: optax.GradientTransformation) -> RowOptimizer:
 
   def update(row_grad, state, params):
     _check_rows(params, row_grad, "row_grad")
-    vocab_size = params.w.shape[0]
-    rows = merge_rows(row_grad, vocab_size)
+    table, bias = _table(params)
+    num_table_rows = table.shape[0]
+    rows = merge_rows(row_grad, num_table_rows)
 
     def per_row(leaf):
-      return hasattr(leaf, "shape") and len(leaf.shape) >= 1 and leaf.shape[0] == vocab_size
+      return hasattr(leaf, "shape") and len(leaf.shape) >= 1 and leaf.shape[0] == num_table_rows
 
     def gather(leaf):
       return leaf.at[rows.ids].get(mode="fill", fill_value=0) if per_row(leaf) else leaf
 
+    params_type = type(params)
     sub_state = jax.tree.map(gather, state)
-    sub_params = FullParams(w=gather(params.w), b=gather(params.b))
-    grads = FullParams(w=rows.w_rows.astype(params.w.dtype), b=rows.b_rows.astype(params.b.dtype))
+    sub_params = params_type(gather(table), gather(bias))
+    grads = params_type(rows.w_rows.astype(table.dtype), rows.b_rows.astype(bias.dtype))
     sub_updates, new_sub_state = tx.update(grads, sub_state, sub_params)
 
     def scatter(leaf, new_sub):
       return leaf.at[rows.ids].set(new_sub, mode="drop") if per_row(leaf) else new_sub
 
     new_state = jax.tree.map(scatter, state, new_sub_state)
-    updates = RowGrad(ids=rows.ids, w_rows=sub_updates.w, b_rows=sub_updates.b)
+    updates = RowGrad(ids=rows.ids, w_rows=sub_updates[0], b_rows=sub_updates[1])
     return updates, new_state
 
   return RowOptimizer(init=init, update=update)
