@@ -3,8 +3,9 @@ softmax and PyTorch, from V = 10K to 800K words.
 
 Training step (one jitted function, params donated): the mean loss over N tokens, its gradient
 with respect to the params and the hidden vectors, and an SGD update of the params. The sampling
-methods also run softmax_alts' row-sparse path (`sparse_loss_and_grads` + `apply_row_update`:
-the gradient of the `[V, H]` table as the touched rows only). PyTorch does
+methods and the hierarchical softmax also run softmax_alts' row-sparse path
+(`sparse_loss_and_grads` + `apply_row_update`: the gradient of the `[V, H]` table, or of the
+`[V-1, H]` node table, as the touched rows only). PyTorch does
 the same with `torch.nn.functional.cross_entropy` on a `[V, H]` weight and bias (`torch CE`) and
 with `torch.nn.AdaptiveLogSoftmaxWithLoss` (`torch adaptive`), updating the parameters in place.
 
@@ -129,18 +130,31 @@ def _sampling(kind: str, step: str = "dense") -> Method:
       build, needs, step)
 
 
+def _hierarchical(tree: str, step: str = "dense") -> Method:
+  """`hierarchical` over a balanced or a Huffman tree, dense or row-sparse training."""
+  sparse = "; sparse_loss_and_grads + apply_row_update" if step == "sparse" else ""
+  if tree == "balanced":
+    settings = lambda V: f"balanced binary tree, depth {math.ceil(math.log2(V))}" + sparse
+    build = lambda sa, V, c: sa.hierarchical(sa.balanced_tree(V))
+  else:
+    settings = lambda V: "Huffman tree of the counts" + sparse
+    build = lambda sa, V, c: sa.hierarchical(sa.huffman_tree(c))
+  needs = ("hierarchical", f"{tree}_tree")
+  if step == "sparse":
+    needs += ("sparse_loss_and_grads", "apply_row_update")
+  return Method(f"hierarchical ({tree}{', row-sparse' if step == 'sparse' else ''})",
+                settings, build, needs, step)
+
+
 METHODS: tuple[Method, ...] = (
     Method("full", lambda V: "one [N, V] logits matrix",
            lambda sa, V, c: sa.full(), ("full",)),
     Method("full (chunked)", lambda V: f"chunk_size={min(FULL_CHUNK, V)}",
            lambda sa, V, c: sa.full(chunk_size=min(FULL_CHUNK, V)), ("full",)),
-    Method("hierarchical (balanced)",
-           lambda V: f"balanced binary tree, depth {math.ceil(math.log2(V))}",
-           lambda sa, V, c: sa.hierarchical(sa.balanced_tree(V)),
-           ("hierarchical", "balanced_tree")),
-    Method("hierarchical (huffman)", lambda V: "Huffman tree of the counts",
-           lambda sa, V, c: sa.hierarchical(sa.huffman_tree(c)),
-           ("hierarchical", "huffman_tree")),
+    _hierarchical("balanced"),
+    _hierarchical("balanced", "sparse"),
+    _hierarchical("huffman"),
+    _hierarchical("huffman", "sparse"),
     Method("class_based", lambda V: f"{round(math.sqrt(V))} frequency-binned classes",
            lambda sa, V, c: sa.class_based(c, round(math.sqrt(V))), ("class_based",)),
     Method("differentiated", lambda V: f"bands (words, dim) {list(bands(V))}",

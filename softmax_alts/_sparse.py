@@ -21,7 +21,9 @@ def step(params, hidden, targets, key):
 `HierarchicalParams(nodes, bias)` (`hierarchical`, whose `key` may be None). On a 2-core CPU
 with V = 100K, H = 512, N = 1024 and k = 1024 shared negatives, the sampled step took about
 30 ms against about 95 ms for the same loss with the dense `[V, H]` gradient and SGD (and about
-2.5 s for a full-softmax step); for the hierarchical softmax see `hierarchical`.
+2.5 s for a full-softmax step). With a Huffman tree (depth 20) the hierarchical step took about
+52 ms against about 158 ms dense and about 3 s for the full softmax (interleaved, on a loaded
+machine: about 58x the full softmax, against 19x for the dense step).
 
 For optax optimizers, `row_wise(tx)` applies any element-wise optax transformation
 (sgd, adagrad, adam, ...) to the touched rows only, "lazily" in the manner of TensorFlow's
