@@ -103,8 +103,8 @@ def test_frequency_classes_are_never_empty():
 
 def test_loss_only_touches_the_target_class(key):
   """Nothing of size N * V (all logits) or N * M * H (every row's class padded to the largest,
-  M words, and gathered) is built: the loss works in `[T, B]` tiles of class-sorted rows."""
-  vocab_size, num_rows, hidden_size = 2000, 64, 8
+  M words, and gathered) is built: the loss works in `[B, T]` pairs of class-sorted rows."""
+  vocab_size, num_rows, hidden_size = 2000, 64, 32
   layer = softmax_alts.class_based(np.ones(vocab_size), 40)  # 40 classes of 50 words
   params, hidden, targets = _inputs(key, layer, num_rows, hidden_size, vocab_size)
   for fn in (lambda p, h: layer.loss(p, h, targets),
@@ -117,7 +117,8 @@ def test_loss_only_touches_the_target_class(key):
           yield from sizes(sub)
         yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars)
 
-    # the largest arrays are the [V, H] gradient of the table and one [B, H] block
+    # the largest arrays are the [V, H] gradient of the table and the kept [B, T] logits of
+    # the pairs (about (V + 2 N B) T floats, fewer than V H here)
     assert max(sizes(jaxpr)) <= vocab_size * hidden_size < num_rows * 50 * hidden_size
 
 
@@ -154,6 +155,36 @@ def test_tiles_and_blocks_of_any_size(key, monkeypatch, tile, block):
   bounds = softmax_alts.frequency_classes(counts, 17)
   expected = _reference(params, hidden, bounds)[np.arange(37), np.asarray(targets)]
   np.testing.assert_allclose(value, np.sum(np.linspace(0.5, 1.5, 37) * expected), rtol=1e-5)
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    expected_grads = _reference_grads(to64(params), to64(hidden), targets, bounds)
+  chex.assert_trees_all_close(grads, jax.tree.map(np.asarray, expected_grads),
+                              rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_classes,tile,block", [(1, 4, 32), (3, 2, 16)])
+def test_pairs_beyond_the_kept_logits(key, monkeypatch, num_classes, tile, block):
+  """Where many rows share large classes, the pairs outnumber the logits kept for the backward
+  pass, which recomputes the rest: values and gradients still equal the float64 reference
+  (one class or a few, classes of many blocks, V = 300 not a multiple of the block)."""
+  counts = np.ones(300)  # equal counts: classes of 300 / C words
+  monkeypatch.setattr(class_based_module, "TILE_ROWS", tile)
+  monkeypatch.setattr(class_based_module, "BLOCK_WORDS", block)
+  layer = softmax_alts.class_based(counts, num_classes)
+  params, hidden, targets = _inputs(key, layer, 37, 8, 300)
+  bounds = softmax_alts.frequency_classes(counts, num_classes)
+  lo = np.sort(bounds[np.searchsorted(bounds, np.asarray(targets), side="right") - 1])
+  hi = bounds[np.searchsorted(bounds, lo, side="right")]
+  fill = np.full(tile, 300)
+  pairs = class_based_module._pairs(jnp.asarray(np.concatenate([lo, fill]), jnp.int32),
+                                    jnp.asarray(np.concatenate([hi, fill]), jnp.int32),
+                                    tile, block, 300, 37, 300 // block + 1)
+  assert int(pairs.count) > class_based_module._capacity(pairs, tile, block, 300, 37)
+  weights = np.linspace(0.5, 1.5, 37)
+  value, grads = jax.value_and_grad(
+      lambda p, h: jnp.sum(weights * -layer.loss(p, h, targets)), argnums=(0, 1))(params, hidden)
+  expected = _reference(params, hidden, bounds)[np.arange(37), np.asarray(targets)]
+  np.testing.assert_allclose(value, np.sum(weights * expected), rtol=1e-5)
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
     expected_grads = _reference_grads(to64(params), to64(hidden), targets, bounds)
