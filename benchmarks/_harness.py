@@ -157,6 +157,16 @@ class Machine:
                platform=dev.platform, device=device, versions=versions)
 
 
+RECORDED_ENV = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "NVIDIA_TF32_OVERRIDE",
+                "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+"""Environment variables that change what is measured; results record those that are set."""
+
+
+def environment() -> str:
+  """`NAME=value` for each of `RECORDED_ENV` that is set."""
+  return ", ".join(f"`{k}={os.environ[k]}`" for k in RECORDED_ENV if os.environ.get(k))
+
+
 # --------------------------------------------------------------------------------------------
 # Run context handed to every suite.
 
@@ -210,6 +220,9 @@ class Context:
                                      if self.quick else ""),
         f"- method: {method}",
     ]
+    env = environment()
+    if env:
+      lines.append(f"- environment: {env}")
     lines += [f"- {line}" for line in extra]
     return "\n".join(lines) + "\n"
 

@@ -297,9 +297,11 @@ def _memory(ctx: h.Context, bar, kind: str, B: int, T: int, H: int, repeats: int
       calls[name] = (lambda c, p: lambda: c(p, xs))(c.call, params)
       rows[name]["xla"] = c.memory
       rows[name]["compile_fwdbwd_s"] = c.compile_s
-  if ctx.quick:  # a fresh process per probe costs more than the rest of the quick run
+  skipped = ("not measured with --quick" if ctx.quick  # a probe costs more than the quick run
+             else "host memory; on this device read XLA" if ctx.machine.platform != "cpu" else None)
+  if skipped:
     for row in rows.values():
-      row["rss"] = {"skipped": "not measured with --quick"}
+      row["rss"] = {"skipped": skipped}
     bar.update(len(rows))
   else:
     bar.set_postfix_str(f"{CELL_NAMES[kind]} T={T} RSS probes")

@@ -737,7 +737,8 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
   warmup = 1
   n_sparse = sum(m.step == "sparse" for m in METHODS)
   n_variants = len(METHODS) + 2
-  rss_vocabs = vocabs[-1:] if ctx.quick else vocabs
+  # RSS is host memory: on an accelerator it does not see the step's buffers.
+  rss_vocabs = () if ctx.machine.platform != "cpu" else vocabs[-1:] if ctx.quick else vocabs
   total = (1 + 7 * 2                                           # GEMM rate: compile + timing
            + sum(2 * len(METHODS) - n_sparse
                  + _calls_per_v(n_variants, n_sparse, warmup, repeats_for[V]) for V in vocabs)
