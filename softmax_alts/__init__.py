@@ -36,6 +36,7 @@ from softmax_alts._sparse import RowGrad
 from softmax_alts._sparse import RowOptimizer
 from softmax_alts._sparse import apply_row_update
 from softmax_alts._sparse import apply_row_updates
+from softmax_alts._sparse import has_row_sparse_path
 from softmax_alts._sparse import merge_rows
 from softmax_alts._sparse import row_wise
 from softmax_alts._sparse import sparse_loss_and_grads

@@ -83,6 +83,24 @@ def _sampling_row_loss(row_form: RowForm, params, hidden, targets, key) -> RowLo
   return RowLoss(ids=(targets, sample_ids), keep=(None, None), values=values, valid=valid)
 
 
+def has_row_sparse_path(layer: OutputLayer) -> bool:
+  """Whether `sparse_loss_and_grads` (and so `row_wise`) can train `layer` row-sparsely.
+
+  True for the layers whose loss reads only some rows of a table: those made by `sampled`,
+  `nce`, `negative_sampling` (and their `vocab_parallel_*` forms) and by `hierarchical`; False
+  for the others (`full`, `class_based`, `adaptive`, ...), whose gradient is dense.
+
+  Args:
+    layer: an `OutputLayer`.
+
+  Returns:
+    A Python bool, known without params or data (for choosing a training step).
+  """
+  loss = getattr(layer, "loss", None)
+  return (getattr(loss, "row_form", None) is not None
+          or getattr(loss, "row_loss", None) is not None)
+
+
 def _row_loss(layer, params, hidden, targets, key) -> RowLoss:
   """The layer's loss as a function of the rows it reads, or `ValueError` if it has none."""
   loss = getattr(layer, "loss", None)

@@ -220,3 +220,18 @@ def test_bad_inputs(key):
     softmax_alts.apply_row_update(params, bad_rows, 0.1)
   with pytest.raises(ValueError, match="updates.*RowGrad"):
     softmax_alts.apply_row_updates(params, (1, 2, 3))
+
+
+def test_has_row_sparse_path_names_the_layers_sparse_loss_and_grads_accepts(key):
+  params, hidden, targets = _inputs(key, 4, 3, VOCAB)
+  counts = np.arange(VOCAB, 0, -1)
+  sparse = [make() for make in LAYERS.values()] + [
+      softmax_alts.hierarchical(softmax_alts.balanced_tree(VOCAB)),
+      softmax_alts.hierarchical(softmax_alts.huffman_tree(counts))]
+  dense = [softmax_alts.full(), softmax_alts.self_normalized(0.1),
+           softmax_alts.class_based(counts, 6), softmax_alts.adaptive((10, 20))]
+  assert all(softmax_alts.has_row_sparse_path(layer) is True for layer in sparse)
+  assert all(softmax_alts.has_row_sparse_path(layer) is False for layer in dense)
+  for layer in dense:  # False exactly where the row-sparse path refuses the layer
+    with pytest.raises(ValueError, match="without a row-sparse path"):
+      softmax_alts.sparse_loss_and_grads(layer, params, hidden, targets, key=key)
