@@ -5,10 +5,13 @@ One pure `train_step(state, batch, key) -> (state, metrics)`, bound to the stati
 carried from window to window and detached (`rnn.detach`): truncated BPTT over a stream, as
 Zaremba et al. (2014) train their language models.
 
-For the sampling losses ("sampled", "nce", "ns") the output table is updated row-sparsely: the
-loss is differentiated with respect to the rows it reads (`softmax_alts.sparse_loss_and_grads`),
-and only those rows are updated (`softmax_alts.row_wise`), so the output layer costs O(k H) per
-token instead of O(V H). With SGD this equals the dense update exactly. With Adam it is
+For the output layers with a row-sparse path (`softmax_alts.has_row_sparse_path`: the sampling
+losses "sampled", "nce", "ns" and the hierarchical softmax "hsm-balanced", "hsm-huffman") the
+output table is updated row-sparsely: the loss is differentiated with respect to the rows it
+reads (`softmax_alts.sparse_loss_and_grads`), and only those rows are updated
+(`softmax_alts.row_wise`), so the output layer costs O(k H) per token (k negatives; O(D H) for
+the nodes on a tree path of depth D) instead of O(V H). With SGD this equals the dense update
+exactly. With Adam it is
 "lazy" Adam (as TensorFlow's LazyAdam): a row's moments are updated only at the steps that
 touch it, so untouched rows neither move nor see their moments decay; pass
 `sparse_output=False` for dense Adam at O(V H) per step.
@@ -67,7 +70,8 @@ class Optimizer(NamedTuple):
     transform: the optax transformation, its learning rate injected as state
       (`optax.inject_hyperparams`) so a schedule can change it between steps.
     clip: the global-norm clipping threshold, or None.
-    sparse_output: update the output table row-sparsely (sampling losses only).
+    sparse_output: update the output table row-sparsely (the output layers with a row-sparse
+      path only, see `softmax_alts.has_row_sparse_path`).
   """
 
   name: str
@@ -103,7 +107,8 @@ def optimizer(name: str, learning_rate: float, *, clip: float | None = None,
     name: "sgd" or "adam".
     learning_rate: the initial learning rate, positive.
     clip: the largest global gradient norm, positive, or None for no clipping.
-    sparse_output: update the output table row-sparsely (meaningful for the sampling losses).
+    sparse_output: update the output table row-sparsely (meaningful for the sampling losses and
+      the hierarchical softmax, whose layers have a row-sparse path).
 
   Returns:
     An `Optimizer`.
@@ -140,7 +145,24 @@ def _dense_part(params: LMParams) -> LMParams:
 
 
 def _uses_sparse(model: LanguageModel, opt: Optimizer) -> bool:
-  return opt.sparse_output and model.config.softmax in SAMPLING
+  return opt.sparse_output and softmax_alts.has_row_sparse_path(model.layer)
+
+
+def _drop_padded(ids: jax.Array, token_mask: jax.Array, num_table_rows: int,
+                 per_token: bool) -> jax.Array:
+  """The row ids of `sparse_loss_and_grads` with those read for padded tokens set to the dropped
+  id R, so that a lazy optimizer leaves those rows and their state untouched.
+
+  The ids are laid out as `sparse_loss_and_grads` documents: token-major `[N D]` node ids for the
+  hierarchical softmax (`per_token`), the N targets then the shared negatives for the sampling
+  losses (the negatives serve every token and are kept).
+  """
+  num_tokens, num_ids = token_mask.shape[0], ids.shape[0]
+  if per_token:
+    keep = jnp.repeat(token_mask, num_ids // num_tokens, total_repeat_length=num_ids)
+  else:
+    keep = jnp.concatenate([token_mask, jnp.ones((num_ids - num_tokens,), bool)])
+  return jnp.where(keep, ids, num_table_rows)
 
 
 def init_train_state(model: LanguageModel, opt: Optimizer, key: jax.Array,
@@ -249,7 +271,7 @@ def _sparse_step(state: TrainState, batch: Window, key, *, model: LanguageModel,
   """The row-sparse path: the table's gradient is the rows the loss touched (and, tied, the
   embedding rows read), updated in place; the rest of the model is updated densely."""
   params, config = state.params, model.config
-  vocab_size = config.vocab_size
+  num_table_rows = params.output[0].shape[0]  # R: V for `FullParams`, V-1 for the tree's nodes
   key_features, key_loss = jax.random.split(key)  # as `LanguageModel.loss` splits it
   mask = batch.mask
   lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
@@ -277,23 +299,21 @@ def _sparse_step(state: TrainState, batch: Window, key, *, model: LanguageModel,
       weights=weights)
   values = jnp.where(mask.reshape(-1), values, jnp.zeros_like(values))
   loss = jnp.sum(values) / count
-  # Padded steps have zero weight: send their rows to the dropped id V so they stay untouched.
-  num_targets = targets.shape[0]
-  ids = rows.ids.at[:num_targets].set(
-      jnp.where(mask.reshape(-1), rows.ids[:num_targets], vocab_size))
-  rows = rows._replace(ids=ids)
+  # Padded steps have zero weight: send their rows to the dropped id R so they stay untouched.
+  per_token = isinstance(params.output, softmax_alts.HierarchicalParams)
+  rows = rows._replace(ids=_drop_padded(rows.ids, mask.reshape(-1), num_table_rows, per_token))
   cotangents = vjp(hidden_grad.reshape(hidden.shape))
   if config.tied:
     rnn_grads, x_grad = cotangents
     dense_grads = LMParams(embedding=None, rnn=rnn_grads, output=None)
-    input_ids = jnp.where(mask, batch.inputs, vocab_size).reshape(-1)
+    input_ids = jnp.where(mask, batch.inputs, num_table_rows).reshape(-1)
     rows = softmax_alts.RowGrad(
         ids=jnp.concatenate([rows.ids, input_ids.astype(rows.ids.dtype)]),
         w_rows=jnp.concatenate([rows.w_rows, x_grad.reshape(-1, hidden_size)]),
         b_rows=jnp.concatenate([rows.b_rows, jnp.zeros(input_ids.shape, rows.b_rows.dtype)]))
   else:
     (dense_grads,) = cotangents
-  rows = softmax_alts.merge_rows(rows, vocab_size)
+  rows = softmax_alts.merge_rows(rows, num_table_rows)
   (dense_grads, w_rows, b_rows), norm = _clip(opt, (dense_grads, rows.w_rows, rows.b_rows))
   rows = rows._replace(w_rows=w_rows, b_rows=b_rows)
 
@@ -306,7 +326,8 @@ def _sparse_step(state: TrainState, batch: Window, key, *, model: LanguageModel,
   dense_params = optax.apply_updates(dense_params, dense_updates)
   output = softmax_alts.apply_row_updates(params.output, row_updates)
   new_params = dense_params._replace(output=output)
-  metrics = _metrics(model, loss, None, None, batch, norm, exact_nll=False)
+  exact = config.softmax not in SAMPLING  # the hierarchical softmax's loss is its exact NLL
+  metrics = _metrics(model, loss, None, None, batch, norm, exact)
   new_state = TrainState(new_params, SparseOptState(dense_state, rows_state),
                          rnn.detach(carry), state.step + 1)
   return new_state, metrics
@@ -322,8 +343,9 @@ def make_train_step(model: LanguageModel, opt: Optimizer) -> Callable:
 
   Args:
     model: the `LanguageModel`.
-    opt: the `Optimizer`. With `sparse_output` and a sampling loss, the output table is updated
-      row-sparsely (see the module docstring).
+    opt: the `Optimizer`. With `sparse_output` and an output layer that has a row-sparse path
+      (a sampling loss or the hierarchical softmax), the output table is updated row-sparsely
+      (see the module docstring).
 
   Returns:
     `train_step(state: TrainState, batch: Window, key) -> (TrainState, metrics)`, with metrics

@@ -234,10 +234,12 @@ def test_run_folder_holds_config_vocab_log_and_plot(tmp_path):
   assert (run / "metrics.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("softmax, tied", [("sampled", True), ("adaptive", False)])
+@pytest.mark.parametrize("softmax, tied", [("sampled", True), ("adaptive", False),
+                                           ("hsm-huffman", False)])
 def test_train_states_round_trip_exactly(softmax, tied, tmp_path):
-  # The row-sparse optimizer state, a tied model (no embedding array) and an adaptive softmax
-  # (no head bias, tuples of tails) all restore to the same tree, leaf for leaf.
+  # The row-sparse optimizer state (over a [V, H] table and over a tree's [V-1, H] nodes), a
+  # tied model (no embedding array) and an adaptive softmax (no head bias, tuples of tails) all
+  # restore to the same tree, leaf for leaf.
   corpus = train.synthetic_corpus(train_length=500, valid_length=50, test_length=50,
                                   vocab_size=20)
   model = train.language_model(train.ModelConfig(len(corpus.vocab), emsize=8, nhid=8,
@@ -252,6 +254,7 @@ def test_train_states_round_trip_exactly(softmax, tied, tmp_path):
   like = train.init_train_state(model, opt, jax.random.key(2), 2)
   restored, loop = checkpoints.restore(like)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert isinstance(restored.opt_state, train.SparseOptState) == (softmax != "adaptive")
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
   assert train.learning_rate(restored) == 0.125 and loop == {"step": 7}

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import softmax_alts
 import train
 from train._model import ModelConfig, language_model
 
@@ -74,6 +75,60 @@ def test_row_sparse_adam_moves_only_the_rows_it_touched(key):
   moved = set(np.flatnonzero(np.any(new_state.params.output.w != before.w, axis=1)))
   assert moved == touched
   assert len(touched) < VOCAB
+
+
+@pytest.mark.parametrize("softmax", ["hsm-huffman", "hsm-balanced"])
+def test_hierarchical_row_sparse_sgd_equals_dense_sgd(softmax, key):
+  results = []
+  for sparse in (True, False):
+    model, step, state, window = _setup(key, softmax=softmax, sparse=sparse, clip=0.5)
+    for i in range(2):
+      state, metrics = step(state, window, jax.random.fold_in(key, i))
+    results.append((state, metrics))
+  (sparse_state, sparse_metrics), (dense_state, dense_metrics) = results
+  assert isinstance(sparse_state.opt_state, train.SparseOptState)
+  assert isinstance(sparse_state.params.output, softmax_alts.HierarchicalParams)
+  assert not isinstance(dense_state.opt_state, train.SparseOptState)
+  _assert_trees_close(sparse_state.params, dense_state.params, rtol=2e-5, atol=1e-6)
+  # The hierarchical loss is the exact NLL, on both paths.
+  assert float(sparse_metrics["nll"]) == float(sparse_metrics["loss"])
+  assert float(sparse_metrics["loss"]) == pytest.approx(float(dense_metrics["loss"]), rel=1e-5)
+  assert float(sparse_metrics["grad_norm"]) == pytest.approx(float(dense_metrics["grad_norm"]),
+                                                             rel=1e-4)
+
+
+def test_hierarchical_row_sparse_adam_is_lazy_adam(key):
+  # Step 1 on a full window, step 2 on a window whose last 5 of 6 steps are padding. Lazy Adam
+  # equals dense Adam on the nodes step 2 touches (the paths of its unpadded targets) and leaves
+  # every other node where step 1 put it, where dense Adam's momentum still moves it.
+  tree = softmax_alts.huffman_tree(COUNTS)
+  runs = {}
+  for sparse in (True, False):
+    model, step, state, window = _setup(key, softmax="hsm-huffman", opt="adam", lr=0.01,
+                                        sparse=sparse)
+    first, _ = step(state, window, jax.random.fold_in(key, 0))
+    after_first = _copy(first.params)
+    padded = train.Window(window.inputs[::-1], window.targets[::-1],
+                          np.arange(window.mask.shape[1])[None, :] < np.ones((3, 1), int))
+    second, _ = step(first, padded, jax.random.fold_in(key, 1))
+    runs[sparse] = (after_first, second.params, window, padded)
+  (lazy_first, lazy, window, padded), (dense_first, dense, *_) = runs[True], runs[False]
+  _assert_trees_close(lazy_first, dense_first, rtol=2e-5, atol=1e-6)  # fresh moments: equal
+  def nodes_read(window):
+    read = np.zeros(tree.num_nodes, bool)
+    for word in np.asarray(window.targets)[np.asarray(window.mask)]:
+      read[tree.paths[word, :tree.lengths[word]]] = True
+    return read
+
+  touched, before = nodes_read(padded), nodes_read(window)
+  assert 0 < touched.sum() and np.any(before & ~touched)
+  np.testing.assert_allclose(lazy.output.nodes[touched], dense.output.nodes[touched], rtol=2e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(lazy.output.nodes[~touched], lazy_first.output.nodes[~touched])
+  np.testing.assert_array_equal(lazy.output.bias[~touched], lazy_first.output.bias[~touched])
+  moved = np.any(dense.output.nodes != dense_first.output.nodes, axis=1)
+  assert np.all(moved[before & ~touched])  # dense Adam's momentum moves them: the two differ
+  _assert_trees_close(lazy.rnn, dense.rnn, rtol=2e-5, atol=1e-6)
 
 
 def test_clipping_bounds_the_sgd_update(key):
