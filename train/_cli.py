@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
   out.add_argument("--alpha", type=_float(0.0, low_open=False), default=0.1,
                    help="selfnorm: weight of the (log Z)^2 penalty")
   out.add_argument("--dense-output", action="store_true",
-                   help="sampled/nce/ns: update the output table densely (exact dense Adam) "
-                        "instead of row-sparsely (lazy Adam)")
+                   help="sampled/nce/ns/hsm-balanced/hsm-huffman: update the output table "
+                        "densely (exact dense Adam) instead of row-sparsely (lazy Adam)")
 
   opt = p.add_argument_group("optimization")
   opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="the optimizer")
