@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train._step import TrainState, dense_opt_layout, sparse_opt_layout
+
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
 VOCAB = "vocab.json"
@@ -137,7 +139,9 @@ class Checkpoints:
 
     Args:
       like: a `TrainState` (or its `jax.ShapeDtypeStruct`s) of the same config: it fixes the
-        tree structure, shapes and dtypes expected.
+        tree structure, shapes and dtypes expected. A row-sparse `like` (a `SparseOptState`)
+        also reads a checkpoint of the same config's dense optimizer state (`--dense-output`,
+        or a hierarchical run saved before it trained row-sparsely), split into its layout.
       step: the step to read; None for the latest.
 
     Returns:
@@ -153,7 +157,22 @@ class Checkpoints:
         raise ValueError(f"no checkpoint to resume from in `{self.path}`.")
     where = self.path / str(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    _check_saved_tree(where, abstract)
+    split = False
+    try:
+      _check_saved_tree(where, abstract)
+    except ValueError as error:
+      # A row-sparse `like` and a checkpoint of the dense path's optimizer state (a
+      # hierarchical run saved before it trained row-sparsely): the same values, laid out
+      # otherwise; read them in that layout and split them.
+      dense_like = dense_opt_layout(like) if isinstance(like, TrainState) else None
+      if dense_like is None:
+        raise
+      dense_abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, dense_like)
+      try:
+        _check_saved_tree(where, dense_abstract)
+      except ValueError:
+        raise error from None  # the first difference from `like` itself
+      abstract, split = dense_abstract, True
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                               loop=ocp.args.JsonRestore())
     try:
@@ -169,6 +188,8 @@ class Checkpoints:
                          "comes from another config.")
     if not isinstance(loop, dict) or "step" not in loop:
       raise ValueError(f"the checkpoint `{where}` is corrupt: its loop record is missing.")
+    if split:
+      state = sparse_opt_layout(state)
     return state, loop
 
   def close(self) -> None:

@@ -189,6 +189,45 @@ def init_train_state(model: LanguageModel, opt: Optimizer, key: jax.Array,
   return _strong(TrainState(params, opt_state, carry, jnp.zeros((), jnp.int32)))
 
 
+def _is_lm_params(node) -> bool:
+  return isinstance(node, LMParams)
+
+
+def dense_opt_layout(state: TrainState) -> TrainState | None:
+  """`state` with its `SparseOptState` laid out as the dense path's optimizer state (the output
+  table's moments put back into the `LMParams` of the rest); None without a `SparseOptState`.
+
+  Works on arrays and on `jax.ShapeDtypeStruct`s alike. The inverse of `sparse_opt_layout`: a
+  checkpoint written by the dense path (e.g. a hierarchical run from before it trained
+  row-sparsely) restores into this layout and is split again.
+  """
+  if not isinstance(state.opt_state, SparseOptState):
+    return None
+
+  def merge(dense, rows):
+    return dense._replace(output=rows) if _is_lm_params(dense) else dense
+
+  opt_state = jax.tree.map(merge, state.opt_state.dense, state.opt_state.rows,
+                           is_leaf=_is_lm_params)
+  return state._replace(opt_state=opt_state)
+
+
+def sparse_opt_layout(state: TrainState) -> TrainState:
+  """`state` with a dense-path optimizer state split into a `SparseOptState`: the state of the
+  output table (`rows`) and that of everything else (`dense`); the global leaves (the step
+  count, the learning rate) go to both, copied."""
+
+  def dense(node):
+    return node._replace(output=None) if _is_lm_params(node) else node
+
+  def rows(node):
+    return node.output if _is_lm_params(node) else jnp.copy(node)
+
+  opt_state = SparseOptState(jax.tree.map(dense, state.opt_state, is_leaf=_is_lm_params),
+                             jax.tree.map(rows, state.opt_state, is_leaf=_is_lm_params))
+  return state._replace(opt_state=opt_state)
+
+
 _INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import softmax_alts
 import train
 from tests.train._tiny import TINY, files_snapshot, records
 from train import _cli
@@ -258,6 +259,39 @@ def test_train_states_round_trip_exactly(softmax, tied, tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
   assert train.learning_rate(restored) == 0.125 and loop == {"step": 7}
+
+
+def test_a_dense_optimizer_state_restores_into_the_row_sparse_layout(tmp_path):
+  # A hierarchical run saved with the dense path's optimizer state (as before the hierarchical
+  # softmax trained row-sparsely) resumes row-sparsely: the nodes' moments become the row-wise
+  # state, the rest's stay, the count and the learning rate go to both.
+  corpus = train.synthetic_corpus(train_length=500, valid_length=50, test_length=50,
+                                  vocab_size=20)
+  model = train.language_model(train.ModelConfig(len(corpus.vocab), emsize=8, nhid=8,
+                                                 softmax="hsm-huffman"), corpus.vocab.counts)
+  dense = train.init_train_state(model, train.optimizer("adam", 0.01, sparse_output=False),
+                                 jax.random.key(1), 2)
+  leaves, treedef = jax.tree.flatten(dense)
+  dense = jax.tree.unflatten(treedef, [jnp.full_like(x, i + 1) for i, x in enumerate(leaves)])
+  checkpoints = train.Checkpoints(tmp_path)
+  checkpoints.save(dense, {"step": int(dense.step)})
+  sparse_opt = train.optimizer("adam", 0.01, sparse_output=True)
+  like = train.init_train_state(model, sparse_opt, jax.random.key(2), 2)
+  restored, _ = checkpoints.restore(like)
+  assert jax.tree.structure(restored) == jax.tree.structure(like)
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(dense.params)):
+    np.testing.assert_array_equal(a, b)
+  (adam, _), lr = dense.opt_state.inner_state, dense.opt_state.hyperparams["learning_rate"]
+  for part, moments in ((restored.opt_state.rows, lambda m: m.output),
+                        (restored.opt_state.dense, lambda m: m._replace(output=None))):
+    (got, _), got_lr = part.inner_state, part.hyperparams["learning_rate"]
+    for field in ("mu", "nu"):
+      for a, b in zip(jax.tree.leaves(getattr(got, field)),
+                      jax.tree.leaves(moments(getattr(adam, field)))):
+        np.testing.assert_array_equal(a, b)
+    assert int(got.count) == int(adam.count) and float(got_lr) == float(lr)
+  assert isinstance(restored.opt_state.rows.inner_state[0].mu, softmax_alts.HierarchicalParams)
+  assert train.learning_rate(restored) == float(lr)
 
 
 def test_the_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
