@@ -173,9 +173,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
               "training run: the two alternated epoch by epoch with 50 ms pauses, tokens/s "
               "over the training steps only; test ppl exact, best-validation parameters"),
       extra=([note] if note else []) + [
-          f"machine load: at the start {load_start}; at the end {load_end}. This suite ran at "
-          "low priority on a machine shared with other jobs: absolute times are pessimistic; "
-          "the two frameworks ran interleaved under the same conditions, so their ratio is the "
+          f"machine load: at the start {load_start}; at the end {load_end}. A load above "
+          "the core count means other jobs shared the machine, making absolute times "
+          "pessimistic; the two frameworks ran interleaved under the same conditions, so their ratio is the "
           "number to read"])
   table = []
   for name in ("ours", "torch"):

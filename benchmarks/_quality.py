@@ -523,9 +523,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
               "timed with `_harness.interleave` after training (medians, on copies of the "
               "states): the speed measure least sensitive to the machine's load; test ppl "
               "exact, of the best-validation parameters"),
-      extra=[f"machine load: at the start {load_start}; at the end {load_end}. This suite "
-             "ran at low priority on a machine shared with other jobs: absolute times are "
-             "pessimistic; the methods of a corpus shared the same conditions, so their "
+      extra=[f"machine load: at the start {load_start}; at the end {load_end}. A load "
+             "above the core count means other jobs shared the machine, making absolute "
+             "times pessimistic; the methods of a corpus shared the same conditions, so their "
              "ratios are the numbers to read",
              "validation: the last 5% of the training split's tokens, as `python -m train` "
              "holds out when no validation split is named"])
