@@ -277,7 +277,7 @@ class RowOptimizer(NamedTuple):
   update: Callable[..., Any]
 
 
-def row_wise(tx: optax.GradientTransformation) -> RowOptimizer:
+def row_wise(tx: optax.GradientTransformation, *, distinct_ids: bool = False) -> RowOptimizer:
   """Applies an element-wise optax transformation to the touched rows only ("lazy" updates).
 
   Rows with equal ids are summed first (`merge_rows`); then every state leaf whose leading axis
@@ -295,6 +295,10 @@ def row_wise(tx: optax.GradientTransformation) -> RowOptimizer:
   Args:
     tx: an `optax.GradientTransformation` over the params: `FullParams` or
       `HierarchicalParams`.
+    distinct_ids: the caller's promise that the ids in `[0, R)` of every `row_grad` passed to
+      `update` are distinct (as `merge_rows` leaves them, e.g. merged once to clip by the global
+      norm); the merge, a sort of the M ids, is then skipped. With repeated ids the result is
+      wrong (one of the repeated rows wins).
 
   Returns:
     A `RowOptimizer(init, update)`.
@@ -311,7 +315,12 @@ def row_wise(tx: optax.GradientTransformation) -> RowOptimizer:
     _check_rows(params, row_grad, "row_grad")
     table, bias = _table(params)
     num_table_rows = table.shape[0]
-    rows = merge_rows(row_grad, num_table_rows)
+    if distinct_ids:  # out-of-range ids still go to the dropped id R
+      ids = jnp.asarray(row_grad.ids).astype(jnp.int32)
+      rows = row_grad._replace(ids=jnp.where((ids >= 0) & (ids < num_table_rows), ids,
+                                             num_table_rows))
+    else:
+      rows = merge_rows(row_grad, num_table_rows)
 
     def per_row(leaf):
       return hasattr(leaf, "shape") and len(leaf.shape) >= 1 and leaf.shape[0] == num_table_rows

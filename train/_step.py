@@ -360,7 +360,8 @@ def _sparse_step(state: TrainState, batch: Window, key, *, model: LanguageModel,
   with _optax_promotion():
     dense_updates, dense_state = opt.transform.update(dense_grads, state.opt_state.dense,
                                                       dense_params)
-    row_updates, rows_state = softmax_alts.row_wise(opt.transform).update(
+    # The rows were merged above, for the global norm: `distinct_ids` skips a second merge.
+    row_updates, rows_state = softmax_alts.row_wise(opt.transform, distinct_ids=True).update(
         rows, state.opt_state.rows, params.output)
   dense_params = optax.apply_updates(dense_params, dense_updates)
   output = softmax_alts.apply_row_updates(params.output, row_updates)

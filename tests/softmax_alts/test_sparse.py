@@ -235,3 +235,25 @@ def test_has_row_sparse_path_names_the_layers_sparse_loss_and_grads_accepts(key)
   for layer in dense:  # False exactly where the row-sparse path refuses the layer
     with pytest.raises(ValueError, match="without a row-sparse path"):
       softmax_alts.sparse_loss_and_grads(layer, params, hidden, targets, key=key)
+
+
+def test_row_wise_with_distinct_ids_skips_the_merge(key):
+  params, _, _ = _inputs(key, 2, 3, 6)
+  rng = np.random.default_rng(0)
+  rows = softmax_alts.RowGrad(ids=jnp.asarray([4, 1, 4, 6, 1, 0], jnp.int32),  # 6: dropped
+                              w_rows=jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                              b_rows=jnp.asarray(rng.normal(size=(6,)), jnp.float32))
+  tx = optax.adam(0.1)
+  state = tx.init(params)
+  with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int and float scalars.
+    want = softmax_alts.row_wise(tx).update(rows, state, params)
+    merged = softmax_alts.merge_rows(rows, 6)
+    got = softmax_alts.row_wise(tx, distinct_ids=True).update(merged, state, params)
+    unmerged, _ = softmax_alts.row_wise(tx, distinct_ids=True).update(rows, state, params)
+  (want_updates, want_state), (got_updates, got_state) = want, got
+  chex.assert_trees_all_close(softmax_alts.apply_row_updates(params, got_updates),
+                              softmax_alts.apply_row_updates(params, want_updates), rtol=1e-6)
+  chex.assert_trees_all_close(got_state, want_state, rtol=1e-6)
+  # Without the merge, repeated ids would not add up: the promise is what makes it exact.
+  changed = softmax_alts.apply_row_updates(params, unmerged)
+  assert not np.allclose(changed.w[1], softmax_alts.apply_row_updates(params, want_updates).w[1])
