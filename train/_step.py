@@ -15,6 +15,13 @@ exactly. With Adam it is
 "lazy" Adam (as TensorFlow's LazyAdam): a row's moments are updated only at the steps that
 touch it, so untouched rows neither move nor see their moments decay; pass
 `sparse_output=False` for dense Adam at O(V H) per step.
+
+The row-sparse step pays when the rows a step reads are few beside the table's. At WikiText-2
+size (V = 13,777, H = 256, 20 x 35 tokens a step) a Huffman tree's paths (depth 18) give
+N D = 12,600 row slots, about the V - 1 = 13,776 nodes: the row-sparse and dense
+`hsm-huffman` steps then cost the same within noise (0.94-1.07x, interleaved on a shared 2-core
+CPU); with V = 100,000 (Zipfian counts) the row-sparse step was 1.3x (SGD) and 1.5x (Adam)
+faster.
 """
 
 import functools
