@@ -18,9 +18,10 @@ from softmax_alts._trees import _check_counts
 # more than the full softmax at V = 100K (M = 3,753 there). Instead the rows are sorted by
 # class, so that both lo and hi are non-decreasing, and the vocabulary is cut into blocks of
 # `BLOCK_WORDS` ids: the rows whose classes reach into block j are then a contiguous run, cut
-# into tiles of `TILE_ROWS` rows. One flat loop goes over these (tile, block) pairs in block
-# order (their number is known at run time): one small `[B, H] x [H, T]` GEMM per pair, with an
-# online log-sum-exp over the blocks a row meets and a membership mask. In the tail, where the
+# into tiles of T rows (`_tile_rows`: about the batch's rows per class). One flat loop goes over
+# these (tile, block) pairs in block order (their number is known at run time): one small
+# `[B, H] x [H, T]` GEMM per pair, with an online log-sum-exp over the blocks a row meets and a
+# membership mask. In the tail, where the
 # classes are large and each holds few of the batch's rows, a block meets about one tile, so
 # the pairs number about V / B + N / T and each word's row of the table is read once.
 #
@@ -33,8 +34,18 @@ from softmax_alts._trees import _check_counts
 #     d logits and adds `d logits @ h` into each block of the `[V, H]` gradient.
 # Nothing of size N V or N M H is built.
 
-TILE_ROWS = 8       # class-sorted rows per tile
+TILE_ROWS = None    # class-sorted rows per tile; None: from the rows per class (`_tile_rows`)
 BLOCK_WORDS = 64    # vocabulary rows per block
+
+
+def _tile_rows(num_rows: int, num_classes: int) -> int:
+  """`TILE_ROWS`, or the power of two (8 to 64) at or above N / C, about the batch's rows per
+  class: a tile then mostly holds the rows of one class. Measured at V = 100K, N = 1024 (2 CPU
+  cores): C = 316 is fastest with tiles of 8 (4 is no faster), C = 100 with 16, C = 32 with 32,
+  C = 8 with 64 or more."""
+  if TILE_ROWS is not None:
+    return TILE_ROWS
+  return min(64, max(8, 1 << (max(1, -(-num_rows // num_classes)) - 1).bit_length()))
 
 
 class _Pairs(NamedTuple):
@@ -189,12 +200,12 @@ def _class_lse_bwd(tile, block, max_span, residuals, cotangents):
 _class_lse.defvjp(_class_lse_fwd, _class_lse_bwd)
 
 
-def _within_class_log_prob(w, b, hidden, lo, hi, targets, max_size):
-  """log softmax over each row's class `[lo_n, hi_n)` at its target, `[N]`, where no class has
-  more than `max_size` words: sorts the rows by class, pads them with one tile of empty rows,
-  runs the pair loops and unsorts."""
+def _within_class_log_prob(w, b, hidden, lo, hi, targets, max_size, num_classes):
+  """log softmax over each row's class `[lo_n, hi_n)` at its target, `[N]`, where the
+  `num_classes` classes hold at most `max_size` words each: sorts the rows by class, pads them
+  with one tile of empty rows, runs the pair loops and unsorts."""
   num_rows, vocab_size = hidden.shape[0], w.shape[0]
-  tile, block = TILE_ROWS, min(BLOCK_WORDS, vocab_size)
+  tile, block = _tile_rows(num_rows, num_classes), min(BLOCK_WORDS, vocab_size)
   max_span = min(-(-(max_size - 1) // block) + 1, -(-vocab_size // block))
   order = jnp.argsort(lo, stable=True)
   fill = jnp.full((tile,), vocab_size, jnp.int32)  # empty ranges, sorted last
@@ -328,7 +339,7 @@ def class_based(counts, num_classes: int) -> OutputLayer:
     lo = jnp.asarray(starts)[jnp.asarray(class_of)[targets]]              # [n]
     hi = lo + jnp.asarray(sizes)[jnp.asarray(class_of)[targets]]
     return _within_class_log_prob(params.word_weights, params.word_bias, hidden, lo, hi,
-                                  targets, max_size)
+                                  targets, max_size, num_classes)
 
   # The computations are jitted once here (the checks stay outside, so that a bad id raises
   # eagerly); called under an outer `jit`, they are inlined.
