@@ -41,6 +41,7 @@ from softmax_alts._full import FullParams
 from softmax_alts._hierarchical import HierarchicalParams
 from softmax_alts._sampled import RowForm, check_sampling_inputs
 
+
 class RowGrad(NamedTuple):
   """Gradient (or update) rows of a table: row `ids[m]` gets `w_rows[m]`, `b_rows[m]`.
 
