@@ -200,6 +200,58 @@ def _tail_backward(residuals, cotangent):
 _tail_log_prob.defvjp(_tail_forward, _tail_backward)
 
 
+def _tail_log_probs(hidden, projection, output) -> jax.Array:
+  """`[N, C]` log softmax over a cluster's words, for every row."""
+  return jax.nn.log_softmax((hidden @ projection.T) @ output.T, axis=1)
+
+
+def _head_log_probs(params, hidden) -> jax.Array:
+  """`[N, S + K]` log softmax over the shortlist and the clusters."""
+  logits = hidden @ params.head.T
+  if params.head_bias is not None:
+    logits = logits + params.head_bias[None, :]
+  return jax.nn.log_softmax(logits, axis=1)
+
+
+def _log_prob_fns(cuts: tuple[int, ...], tail_log_prob, tail_log_probs):
+  """`(target_log_prob(params, hidden, targets) -> [N], all_log_probs(params, hidden) -> [N, V])`,
+  jitted, from a cluster's `tail_log_prob(hidden, projection, output, relative, member)` and
+  `tail_log_probs(hidden, projection, output)`: shared by `adaptive` and its vocab-parallel form.
+
+  They are jitted once here (the input checks stay outside, so that a bad id raises eagerly);
+  called under an outer `jit`, they are inlined.
+  """
+  shortlist, num_clusters = cuts[0], len(cuts)
+
+  @jax.jit
+  def target_log_prob(params, hidden, targets) -> jax.Array:
+    vocab_size = cuts[-1] + params.tail_outputs[-1].shape[0]
+    valid = (targets >= 0) & (targets < vocab_size)  # NaN for a bad id under jit
+    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
+    bounds = list(cuts) + [vocab_size]
+    cluster = jnp.searchsorted(jnp.asarray(cuts, jnp.int32), targets, side="right")  # 0: head
+    cluster = cluster.astype(jnp.int32)
+    head_index = jnp.where(cluster == 0, targets, shortlist + cluster - 1)
+    head = _head_log_probs(params, hidden)
+    total = jnp.take_along_axis(head, head_index[:, None], axis=1)[:, 0]
+    for i in range(num_clusters):
+      relative = jnp.clip(targets - bounds[i], 0, bounds[i + 1] - bounds[i] - 1)
+      total = total + tail_log_prob(hidden, params.tail_projections[i], params.tail_outputs[i],
+                                    relative, cluster == i + 1)
+    return nan_where_invalid(total, valid)
+
+  @jax.jit
+  def all_log_probs(params, hidden) -> jax.Array:
+    head = _head_log_probs(params, hidden)
+    parts = [head[:, :shortlist]]
+    for i in range(num_clusters):
+      tail = tail_log_probs(hidden, params.tail_projections[i], params.tail_outputs[i])
+      parts.append(tail + head[:, shortlist + i:shortlist + i + 1])
+    return jnp.concatenate(parts, axis=1)
+
+  return target_log_prob, all_log_probs
+
+
 def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
              head_bias: bool = False) -> OutputLayer:
   """Adaptive softmax: a head over the shortlist and the clusters, low-rank tails per cluster.
@@ -302,40 +354,7 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
                          f"got {jnp.shape(params.tail_outputs[i])}.")
     return vocab_size
 
-  def head_log_probs(params: AdaptiveParams, hidden) -> jax.Array:
-    logits = hidden @ params.head.T
-    if params.head_bias is not None:
-      logits = logits + params.head_bias[None, :]
-    return jax.nn.log_softmax(logits, axis=1)                            # [N, S + K]
-
-  # The computations are jitted once here (the checks stay outside, so that a bad id raises
-  # eagerly); called under an outer `jit`, they are inlined.
-  @jax.jit
-  def target_log_prob(params: AdaptiveParams, hidden, targets) -> jax.Array:
-    vocab_size = cuts[-1] + params.tail_outputs[-1].shape[0]
-    valid = (targets >= 0) & (targets < vocab_size)  # NaN for a bad id under jit
-    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    bounds = list(cuts) + [vocab_size]
-    cluster = jnp.searchsorted(jnp.asarray(cuts, jnp.int32), targets, side="right")  # 0: head
-    cluster = cluster.astype(jnp.int32)
-    head_index = jnp.where(cluster == 0, targets, shortlist + cluster - 1)
-    head = head_log_probs(params, hidden)
-    total = jnp.take_along_axis(head, head_index[:, None], axis=1)[:, 0]
-    for i in range(num_clusters):
-      relative = jnp.clip(targets - bounds[i], 0, bounds[i + 1] - bounds[i] - 1)
-      total = total + _tail_log_prob(hidden, params.tail_projections[i], params.tail_outputs[i],
-                                     relative, cluster == i + 1)
-    return nan_where_invalid(total, valid)
-
-  @jax.jit
-  def all_log_probs(params: AdaptiveParams, hidden) -> jax.Array:
-    head = head_log_probs(params, hidden)
-    parts = [head[:, :shortlist]]
-    for i in range(num_clusters):
-      tail = jax.nn.log_softmax((hidden @ params.tail_projections[i].T)
-                                @ params.tail_outputs[i].T, axis=1)
-      parts.append(tail + head[:, shortlist + i:shortlist + i + 1])
-    return jnp.concatenate(parts, axis=1)
+  target_log_prob, all_log_probs = _log_prob_fns(cuts, _tail_log_prob, _tail_log_probs)
 
   def log_prob(params: AdaptiveParams, hidden, targets) -> jax.Array:
     check_hidden(hidden)

@@ -39,7 +39,7 @@ from softmax_alts import _self_normalized as self_normalized_lib
 from softmax_alts._base import OutputLayer, check_hidden, check_targets, nan_where_invalid
 from softmax_alts._nce import _make_binary_token_loss
 from softmax_alts._sampled import (_make_sampled_token_loss, check_sampler,
-                                   check_sampling_inputs, log_expected_count, make_row_form,
+                                   check_sampling_inputs, log_q, make_row_form,
                                    sampling_layer)
 from softmax_alts._samplers import check_num_samples
 
@@ -364,13 +364,7 @@ def _sampling_layer(token_loss, sampler, num_samples: int, *, mesh: Mesh, axis: 
     sample_ids = row_form.draw(key, targets)  # drawn once: the same ids on every device
     s_t, s_s = scores(params.w, params.b, hidden, targets, sample_ids)
     num_rows, dtype = hidden.shape[0], hidden.dtype
-    if subtract_log_q:
-      log_q_t = log_expected_count(sampler.expected_count(targets, num_samples, targets), dtype)
-      log_q_s = log_expected_count(
-          sampler.expected_count(sample_ids, num_samples, targets), dtype)
-    else:
-      log_q_t = jnp.zeros(targets.shape, dtype)
-      log_q_s = jnp.zeros(sample_ids.shape, dtype)
+    log_q_t, log_q_s = log_q(sampler, num_samples, targets, sample_ids, subtract_log_q, dtype)
     shape = (num_rows, num_samples)
     return jax.vmap(token_loss)(
         jnp.ones((num_rows, 1), dtype), targets, s_t[:, None], jnp.zeros((num_rows,), dtype),
@@ -640,7 +634,6 @@ def vocab_parallel_adaptive(cutoffs, *, mesh: Mesh, axis: str = "model", div_val
   shards = _check_mesh(mesh, axis)
   if shards == 1:
     return base
-  shortlist, num_clusters = cuts[0], len(cuts)
   tail = _tail_fn(mesh, axis)
   tail_log_probs = _tail_log_probs_fn(mesh, axis)
 
@@ -652,37 +645,7 @@ def vocab_parallel_adaptive(cutoffs, *, mesh: Mesh, axis: str = "model", div_val
       _check_divisible(jnp.shape(output)[0], shards, f"params.tail_outputs[{i}]", axis)
     return cuts[-1] + jnp.shape(params.tail_outputs[-1])[0]
 
-  def head_log_probs(params, hidden):
-    logits = hidden @ params.head.T
-    if params.head_bias is not None:
-      logits = logits + params.head_bias[None, :]
-    return jax.nn.log_softmax(logits, axis=1)
-
-  @jax.jit
-  def target_log_prob(params, hidden, targets):
-    vocab_size = cuts[-1] + params.tail_outputs[-1].shape[0]
-    valid = (targets >= 0) & (targets < vocab_size)
-    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    bounds = list(cuts) + [vocab_size]
-    cluster = jnp.searchsorted(jnp.asarray(cuts, jnp.int32), targets, side="right")
-    cluster = cluster.astype(jnp.int32)
-    head_index = jnp.where(cluster == 0, targets, shortlist + cluster - 1)
-    head = head_log_probs(params, hidden)
-    total = jnp.take_along_axis(head, head_index[:, None], axis=1)[:, 0]
-    for i in range(num_clusters):
-      relative = jnp.clip(targets - bounds[i], 0, bounds[i + 1] - bounds[i] - 1)
-      total = total + tail(hidden, params.tail_projections[i], params.tail_outputs[i],
-                           relative, cluster == i + 1)
-    return nan_where_invalid(total, valid)
-
-  @jax.jit
-  def all_log_probs(params, hidden):
-    head = head_log_probs(params, hidden)
-    parts = [head[:, :shortlist]]
-    for i in range(num_clusters):
-      logp = tail_log_probs(hidden, params.tail_projections[i], params.tail_outputs[i])
-      parts.append(logp + head[:, shortlist + i:shortlist + i + 1])
-    return jnp.concatenate(parts, axis=1)
+  target_log_prob, all_log_probs = adaptive_lib._log_prob_fns(cuts, tail, tail_log_probs)
 
   def log_prob(params, hidden, targets):
     check_hidden(hidden)

@@ -56,6 +56,16 @@ class RowForm(NamedTuple):
   rows_loss: Callable[..., jax.Array]
 
 
+def log_q(sampler: Sampler, num_samples: int, targets, sample_ids, subtract_log_q: bool,
+          dtype) -> tuple[jax.Array, jax.Array]:
+  """`(log Q of the targets, log Q of the samples)`: the log expected counts among the k draws
+  that the sampled logits are corrected by, or zeros without the correction."""
+  if not subtract_log_q:
+    return jnp.zeros(targets.shape, dtype), jnp.zeros(sample_ids.shape, dtype)
+  return (log_expected_count(sampler.expected_count(targets, num_samples, targets), dtype),
+          log_expected_count(sampler.expected_count(sample_ids, num_samples, targets), dtype))
+
+
 def make_row_form(token_loss: Callable[..., jax.Array], sampler: Sampler, num_samples: int,
                   shared: bool, subtract_log_q: bool) -> RowForm:
   """Builds a `RowForm` from a loss written for ONE token and batched with `jax.vmap`.
@@ -73,13 +83,7 @@ def make_row_form(token_loss: Callable[..., jax.Array], sampler: Sampler, num_sa
 
   def rows_loss(hidden, targets, w_t, b_t, sample_ids, w_s, b_s):
     dtype = hidden.dtype
-    if subtract_log_q:
-      log_q_t = log_expected_count(sampler.expected_count(targets, num_samples, targets), dtype)
-      log_q_s = log_expected_count(
-          sampler.expected_count(sample_ids, num_samples, targets), dtype)
-    else:
-      log_q_t = jnp.zeros(targets.shape, dtype)
-      log_q_s = jnp.zeros(sample_ids.shape, dtype)
+    log_q_t, log_q_s = log_q(sampler, num_samples, targets, sample_ids, subtract_log_q, dtype)
     axis = None if shared else 0
     batched = jax.vmap(token_loss, in_axes=(0, 0, 0, 0, axis, axis, axis, 0, axis))
     return batched(hidden, targets, w_t, b_t.astype(dtype), sample_ids, w_s,
