@@ -123,6 +123,20 @@ def _add_bias(x: jax.Array, b: jax.Array) -> jax.Array:
   return x + b.reshape((1,) * (x.ndim - 1) + b.shape)
 
 
+def _summed_bias(params) -> jax.Array:
+  """The bias added to the input projection of an Elman RNN or LSTM: `b_ih + b_hh`."""
+  return params.b_ih + params.b_hh
+
+
+def _gru_input_bias(params, reset_after: bool) -> jax.Array:
+  """The GRU's bias on the input projection; with `reset_after`, `b_hn` stays in the step."""
+  b_hh = params.b_hh
+  if reset_after:
+    h = b_hh.shape[-1] // 3
+    b_hh = jnp.concatenate([b_hh[:2 * h], jnp.zeros_like(b_hh[2 * h:])])
+  return params.b_ih + b_hh
+
+
 def _lstm_gates(z: jax.Array) -> jax.Array:
   """`[..., 4H]` pre-activations -> (sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)), concatenated.
 
@@ -194,7 +208,7 @@ def simple(hidden_size: int, *, activation: Callable[[jax.Array], jax.Array] = j
     return _zeros_state(params, batch_shape, (h,), SimpleState)
 
   def project(params, xs):
-    return _add_bias(_dense(xs, params.w_ih), params.b_ih + params.b_hh)
+    return _add_bias(_dense(xs, params.w_ih), _summed_bias(params))
 
   def step(params, state, xw_t):
     h_t = activation(xw_t + _dense(state.hidden, params.w_hh))
@@ -255,7 +269,7 @@ def lstm(hidden_size: int, *, proj_size: int | None = None, forget_bias: float =
     return _zeros_state(params, batch_shape, (p, h), LSTMState)
 
   def project(params, xs):
-    return _add_bias(_dense(xs, params.w_ih), params.b_ih + params.b_hh)
+    return _add_bias(_dense(xs, params.w_ih), _summed_bias(params))
 
   def step(params, state, xw_t):
     z = xw_t + _dense(state.hidden, params.w_hh)
@@ -306,11 +320,7 @@ def gru(hidden_size: int, *, reset_after: bool = True, dtype=jnp.float32) -> Cel
     return _zeros_state(params, batch_shape, (h,), GRUState)
 
   def project(params, xs):
-    # b_hn stays in the step when the reset gate multiplies it (reset_after).
-    b_hh = params.b_hh
-    if config.reset_after:
-      b_hh = jnp.concatenate([b_hh[:2 * h], jnp.zeros_like(b_hh[2 * h:])])
-    return _add_bias(_dense(xs, params.w_ih), params.b_ih + b_hh)
+    return _add_bias(_dense(xs, params.w_ih), _gru_input_bias(params, config.reset_after))
 
   def step(params, state, xw_t):
     h_tm1 = state.hidden

@@ -1,19 +1,27 @@
-"""Hand-derived BPTT: a `jax.custom_vjp` over the recurrence, as cuDNN organises it.
+"""Hand-derived BPTT: a `jax.custom_vjp` over the whole layer, as cuDNN organises it.
 
-The forward pass is a scan that stores, per step, the state and the gate activations. The
-backward pass is the textbook BPTT recursion (Werbos 1990): a reverse scan whose carry is only the
-error signal `dL/dstate_t`; each step turns it into the gradient of the gate pre-activations and
-sends it one step back through `W_hh`. The weight gradients are then single GEMMs over all
-`T * B` rows at once, instead of `T` small products accumulated inside the loop; the input-side
-gradients (`W_ih`, biases, `xs`) follow from the returned `dL/dxw` through `cell.project`, again
-one GEMM.
+The custom_vjp covers the input projection too. The forward pass is one GEMM for every step's
+input products (`xs @ W_ih.T`, bias not yet added), then a loop over time that adds the bias
+inside the step (where it fuses with the gate arithmetic instead of costing a pass over
+`[T, B, G]`) and stores, per step, the state before the step and the gate activations. The
+backward pass is the textbook BPTT recursion (Werbos 1990): a reverse loop whose carry is only
+the error signal `dL/dstate_t`; each step turns it into the gradient of the gate pre-activations
+`dxw_t` and sends it one step back through `W_hh`. The weight gradients are then single GEMMs over
+all `T * B` rows at once instead of `T` small products accumulated inside the loop; for the Elman
+RNN and the LSTM, whose `dW_hh` and `dW_ih` share the left operand `dxw`, one GEMM gives both:
+`dxw.T @ [xs | h_prev]`.
+
+The loops index the time axis where it lies (batch-major `[B, T, ...]` by default), so neither
+the inputs nor the outputs are transposed, and `reverse` is a reversed index, not a flipped copy.
 
 Per cell the module defines three functions on flat `[B, n]` arrays:
 
 - `forward(rp, state_tm1, xw_t) -> (state_t, y_t, residuals_t)`
 - `backward(rp, rpt, residuals_t, state_tm1, dstate_t) -> (dstate_tm1, dxw_t, outs_t)`, where
-  `dstate_t` already includes `dL/dy_t`, and `outs_t` holds what the weight gradients need;
-- `finish(rp, outs, states_tm1) -> d rp`, the GEMMs over all steps.
+  `dstate_t` already includes `dL/dy_t`, and `outs_t` holds what the recurrent weight gradients
+  need besides `dxw`;
+- `finish(rp, outs, states_tm1, dw_hh) -> d rp`, the GEMMs over all steps (`dw_hh` is given
+  when the layer computed it with `dW_ih`).
 
 `rp` holds the recurrent parameters only; `rpt` their transposes, made once per backward pass
 so every per-step product contracts the weights' last axis (XLA's fast orientation on CPU).
@@ -25,7 +33,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnn._cells import Cell, GRUState, LSTMState, SimpleState, _add_bias, _dense, _lstm_gates
+from rnn._cells import (Cell, GRUState, LSTMState, SimpleState, _add_bias, _dense, _gru_input_bias,
+                        _lstm_gates, _summed_bias)
 
 
 def _sum_outer(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -42,9 +51,11 @@ def _clip(x, clip_delta):
 class _Rules(NamedTuple):
   """How one cell kind runs forward and backward, on flat `[B, n]` arrays."""
   recurrent_params: callable  # params -> rp; autodiff carries d rp back to params
+  input_bias: callable  # params -> the bias added to `xs @ W_ih.T`, inside the step
   forward: callable
   backward: callable
   finish: callable
+  shared_dw: bool  # dW_hh = sum_t dxw_t.T @ h_{t-1}: one GEMM with dW_ih
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,12 +76,12 @@ def _simple_rules(config) -> _Rules:
     _, act_vjp = jax.vjp(act, a)
     (da,) = act_vjp(dstate.hidden)
     da = _clip(da, clip_delta)
-    return SimpleState(_dense(da, w_hh_t)), da, da
+    return SimpleState(_dense(da, w_hh_t)), da, None
 
-  def finish(rp, da, states_tm1):
-    return (_sum_outer(da, states_tm1.hidden),)
+  def finish(rp, outs, states_tm1, dw_hh):
+    return (dw_hh,)
 
-  return _Rules(lambda p: (p.w_hh,), forward, backward, finish)
+  return _Rules(lambda p: (p.w_hh,), _summed_bias, forward, backward, finish, shared_dw=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +115,14 @@ def _lstm_rules(config) -> _Rules:
                           dm * tanh_c * o * (1.0 - o)], axis=-1)
     dz = _clip(dz, clip_delta)
     dstate_tm1 = LSTMState(_dense(dz, w_hh_t), dc * f)
-    outs = (dz, dstate.hidden, o * tanh_c) if proj else (dz,)
+    outs = (dstate.hidden, o * tanh_c) if proj else None
     return dstate_tm1, dz, outs
 
-  def finish(rp, outs, states_tm1):
-    dw_hh = _sum_outer(outs[0], states_tm1.hidden)
-    dw_hr = _sum_outer(outs[1], outs[2]) if proj else None
-    return dw_hh, dw_hr
+  def finish(rp, outs, states_tm1, dw_hh):
+    return dw_hh, (_sum_outer(*outs) if proj else None)
 
-  return _Rules(lambda p: (p.w_hh, p.w_hr), forward, backward, finish)
+  return _Rules(lambda p: (p.w_hh, p.w_hr), _summed_bias, forward, backward, finish,
+                shared_dw=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +171,7 @@ def _gru_rules(config) -> _Rules:
     dxw = jnp.concatenate([dar, daz, dan], axis=-1)
     return GRUState(dh_tm1), dxw, (dxw, r * h_tm1)
 
-  def finish(rp, outs, states_tm1):
+  def finish(rp, outs, states_tm1, dw_hh):
     if reset_after:
       return _sum_outer(outs, states_tm1.hidden), jnp.sum(outs[..., 2 * h:], axis=(0, 1))
     dxw, rh = outs
@@ -172,14 +182,15 @@ def _gru_rules(config) -> _Rules:
   def recurrent_params(p):
     return p.w_hh, (p.b_hh[2 * h:] if reset_after else None)
 
-  return _Rules(recurrent_params, forward, backward, finish)
+  return _Rules(recurrent_params, lambda p: _gru_input_bias(p, reset_after), forward, backward,
+                finish, shared_dw=False)
 
 
 _RULES = {"simple": _simple_rules, "lstm": _lstm_rules, "gru": _gru_rules}
 
 
 # ----------------------------------------------------------------------------------------------
-# The custom_vjp recurrence
+# The custom_vjp layer
 
 
 def _transpose(rp):
@@ -191,45 +202,75 @@ def _masked(mask_t, new, old):
   return jax.tree.map(lambda n, o: jnp.where(mask_t[:, None], n, o), new, old)
 
 
+def _at(tree, t, axis):
+  """Step `t` of every stacked array in `tree` (time on `axis`)."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis, keepdims=False), tree)
+
+
+def _store(bufs, values, t, axis):
+  return jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, t, axis), bufs, values)
+
+
+def _stacked_zeros(tree, num_steps, axis):
+  """Buffers for `num_steps` values shaped like the leaves of `tree`, time on `axis`."""
+  return jax.tree.map(lambda v: jnp.zeros(v.shape[:axis] + (num_steps,) + v.shape[axis:], v.dtype),
+                      tree)
+
+
 @functools.lru_cache(maxsize=None)
-def _make_recurrence(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delta):
-  """A custom_vjp `f(rp, xw [T, B, G], state0, mask [T, B]) -> (ys [T, B, O], final)`."""
+def _make_layer(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delta, reverse: bool,
+                axis: int):
+  """A custom_vjp `f(rp, w_ih, bias, xs, state0, mask [T, B]) -> (ys, final)`.
 
-  def scan_forward(rp, xw, state0, mask):
-    def body(state_tm1, inputs):
-      xw_t, mask_t = inputs
-      state_t, y_t, res_t = rules.forward(rp, state_tm1, xw_t)
+  `xs` is `[B, T, D]` (`axis=1`) or `[T, B, D]` (`axis=0`), and `ys` has the same layout.
+  """
+
+  def run_forward(rp, w_ih, bias, xs, state0, mask):
+    num_steps = xs.shape[axis]
+    xw = _dense(xs, w_ih)
+
+    def step(state_tm1, t):
+      state_t, y_t, res_t = rules.forward(rp, state_tm1, _add_bias(_at(xw, t, axis), bias))
       if masked:
-        state_t = _masked(mask_t, state_t, state_tm1)
-        y_t = jnp.where(mask_t[:, None], y_t, jnp.zeros_like(y_t))
-      return state_t, (y_t, state_t, None if remat else res_t)
+        state_t = _masked(mask[t], state_t, state_tm1)
+        y_t = jnp.where(mask[t][:, None], y_t, jnp.zeros_like(y_t))
+      return state_t, (y_t, state_tm1, None if remat else res_t)
 
-    final, (ys, states, res) = jax.lax.scan(body, state0, (xw, mask), unroll=unroll)
-    return ys, final, states, res
+    def body(k, carry):
+      state_tm1, bufs = carry
+      t = num_steps - 1 - k if reverse else k
+      state_t, outs = step(state_tm1, t)
+      return state_t, _store(bufs, outs, t, axis)
+
+    bufs = _stacked_zeros(jax.eval_shape(step, state0, 0)[1], num_steps, axis)
+    final, (ys, states_tm1, res) = jax.lax.fori_loop(0, num_steps, body, (state0, bufs),
+                                                      unroll=unroll)
+    return ys, final, states_tm1, res, xw
 
   @jax.custom_vjp
-  def recurrence(rp, xw, state0, mask):
-    ys, final, _, _ = scan_forward(rp, xw, state0, mask)
+  def layer(rp, w_ih, bias, xs, state0, mask):
+    ys, final, _, _, _ = run_forward(rp, w_ih, bias, xs, state0, mask)
     return ys, final
 
-  def fwd(rp, xw, state0, mask):
-    ys, final, states, res = scan_forward(rp, xw, state0, mask)
-    return (ys, final), (rp, xw if remat else None, state0, mask, states, res)
+  def fwd(rp, w_ih, bias, xs, state0, mask):
+    ys, final, states_tm1, res, xw = run_forward(rp, w_ih, bias, xs, state0, mask)
+    return (ys, final), (rp, w_ih, bias, xs, mask, states_tm1, res, xw if remat else None)
 
   def bwd(saved, cotangents):
-    rp, xw, state0, mask, states, res = saved
+    rp, w_ih, bias, xs, mask, states_tm1, res, xw = saved
     dys, dfinal = cotangents
-    # The state before each step: state0, then the stored states shifted by one.
-    states_tm1 = jax.tree.map(lambda s0, s: jnp.concatenate([s0[None], s[:-1]]), state0, states)
+    num_steps = xs.shape[axis]
     rpt = _transpose(rp)
 
-    def body(dstate, inputs):
-      res_t, xw_t, state_tm1, mask_t, dy_t = inputs
+    def step(dstate, t):
+      state_tm1 = _at(states_tm1, t, axis)
       if remat:
-        _, _, res_t = rules.forward(rp, state_tm1, xw_t)
-      dstate_new = dstate._replace(hidden=dstate.hidden + dy_t)
+        _, _, res_t = rules.forward(rp, state_tm1, _add_bias(_at(xw, t, axis), bias))
+      else:
+        res_t = _at(res, t, axis)
+      dstate_new = dstate._replace(hidden=dstate.hidden + _at(dys, t, axis))
       if masked:
-        keep = mask_t[:, None]
+        keep = mask[t][:, None]
         passed = jax.tree.map(lambda d: jnp.where(keep, jnp.zeros_like(d), d), dstate)
         dstate_new = jax.tree.map(lambda d: jnp.where(keep, d, jnp.zeros_like(d)), dstate_new)
       dstate_tm1, dxw_t, outs_t = rules.backward(rp, rpt, res_t, state_tm1, dstate_new, clip_delta)
@@ -237,13 +278,30 @@ def _make_recurrence(rules: _Rules, masked: bool, remat: bool, unroll: int, clip
         dstate_tm1 = jax.tree.map(jnp.add, dstate_tm1, passed)
       return dstate_tm1, (dxw_t, outs_t)
 
-    dstate0, (dxw, outs) = jax.lax.scan(body, dfinal, (res, xw, states_tm1, mask, dys),
-                                        reverse=True, unroll=unroll)
-    drp = rules.finish(rp, outs, states_tm1)
-    return drp, dxw, dstate0, None
+    def body(k, carry):
+      dstate, bufs = carry
+      t = k if reverse else num_steps - 1 - k
+      dstate_tm1, outs = step(dstate, t)
+      return dstate_tm1, _store(bufs, outs, t, axis)
 
-  recurrence.defvjp(fwd, bwd)
-  return recurrence
+    bufs = _stacked_zeros(jax.eval_shape(step, dfinal, 0)[1], num_steps, axis)
+    dstate0, (dxw, outs) = jax.lax.fori_loop(0, num_steps, body, (dfinal, bufs), unroll=unroll)
+    dxw_rows = dxw.reshape(-1, dxw.shape[-1])
+    input_size = xs.shape[-1]
+    if rules.shared_dw:
+      # [dW_ih | dW_hh] = dxw.T @ [xs | h_prev]: one GEMM over all T * B rows.
+      rows = jnp.concatenate([xs, states_tm1.hidden], axis=-1)
+      dw = jax.lax.dot_general(rows.reshape(-1, rows.shape[-1]), dxw_rows,
+                               (((0,), (0,)), ((), ()))).T
+      dw_ih, dw_hh = dw[:, :input_size], dw[:, input_size:]
+    else:
+      dw_ih, dw_hh = _sum_outer(dxw, xs), None
+    drp = rules.finish(rp, outs, states_tm1, dw_hh)
+    dxs = jax.lax.dot_general(dxw, w_ih, (((dxw.ndim - 1,), (0,)), ((), ())))
+    return drp, dw_ih, jnp.sum(dxw_rows, axis=0), dxs, dstate0, None
+
+  layer.defvjp(fwd, bwd)
+  return layer
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,22 +310,27 @@ def _rules_for(kind: str, config) -> _Rules:
   return _RULES[kind](config)
 
 
-def recurrence(cell: Cell, params, xw, state, mask, *, reverse: bool, unroll: int, remat: bool,
-               clip_delta):
-  """`unroll`'s manual-gradient path on time-major `xw [T, *batch, G]`."""
+def recurrence(cell: Cell, params, xs, state, mask, *, time_major: bool, reverse: bool,
+               unroll: int, remat: bool, clip_delta):
+  """`unroll`'s manual-gradient path: `xs [*batch, T, D]` (`[T, *batch, D]` with `time_major`),
+  `mask [T, *batch]` or None; returns `(ys, final)` in the layout of `xs`."""
   rules = _rules_for(cell.kind, cell.config)
-  num_steps, batch_shape = xw.shape[0], xw.shape[1:-1]
-  xw = xw.reshape((num_steps, -1, xw.shape[-1]))
+  if time_major:
+    num_steps, batch_shape, axis = xs.shape[0], xs.shape[1:-1], 0
+    flat = (num_steps, -1)
+  else:
+    num_steps, batch_shape, axis = xs.shape[-2], xs.shape[:-2], 1
+    flat = (-1, num_steps)
+  xs = xs.reshape(flat + xs.shape[-1:])
   state = jax.tree.map(lambda s: s.reshape((-1, s.shape[-1])), state)
   if mask is not None:
     mask = mask.reshape((num_steps, -1))
-  if reverse:
-    xw = jnp.flip(xw, 0)
-    mask = None if mask is None else jnp.flip(mask, 0)
-  fn = _make_recurrence(rules, mask is not None, bool(remat), unroll, clip_delta)
-  ys, final = fn(rules.recurrent_params(params), xw, state, mask)
-  if reverse:
-    ys = jnp.flip(ys, 0)
-  ys = ys.reshape((num_steps,) + batch_shape + ys.shape[-1:])
+  fn = _make_layer(rules, mask is not None, bool(remat), unroll, clip_delta, bool(reverse), axis)
+  ys, final = fn(rules.recurrent_params(params), params.w_ih, rules.input_bias(params), xs, state,
+                 mask)
+  if time_major:
+    ys = ys.reshape((num_steps,) + batch_shape + ys.shape[-1:])
+  else:
+    ys = ys.reshape(batch_shape + (num_steps,) + ys.shape[-1:])
   final = jax.tree.map(lambda s: s.reshape(batch_shape + s.shape[-1:]), final)
   return ys, final

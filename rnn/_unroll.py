@@ -174,15 +174,14 @@ def unroll(cell: Cell, params, xs: jax.Array, state, *, lengths: jax.Array | Non
                                 time_major=time_major, unroll=unroll, remat=remat, grad=grad,
                                 clip_delta=clip_delta)
 
-  xs_tm = _to_time_major(xs, time_major)
-  mask = _step_mask(lengths, xs_tm.shape[0], batch_shape)
-  xw = cell.project(params, xs_tm)
+  mask = _step_mask(lengths, xs.shape[0 if time_major else -2], batch_shape)
   if grad == "manual":
-    ys, final = _manual.recurrence(cell, params, xw, state, mask, reverse=reverse, unroll=unroll,
-                                   remat=remat, clip_delta=clip_delta)
-  else:
-    ys, final = _scan_steps(cell, params, xw, state, mask, reverse=reverse, unroll=unroll,
-                            remat=remat)
+    # The manual layer projects the inputs itself and loops over time where it lies.
+    return _manual.recurrence(cell, params, xs, state, mask, time_major=time_major,
+                              reverse=reverse, unroll=unroll, remat=remat, clip_delta=clip_delta)
+  xw = cell.project(params, _to_time_major(xs, time_major))
+  ys, final = _scan_steps(cell, params, xw, state, mask, reverse=reverse, unroll=unroll,
+                          remat=remat)
   return _from_time_major(ys, time_major), final
 
 
