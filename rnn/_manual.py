@@ -28,6 +28,7 @@ so every per-step product contracts the weights' last axis (XLA's fast orientati
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -315,16 +316,17 @@ def recurrence(cell: Cell, params, xs, state, mask, *, time_major: bool, reverse
   """`unroll`'s manual-gradient path: `xs [*batch, T, D]` (`[T, *batch, D]` with `time_major`),
   `mask [T, *batch]` or None; returns `(ys, final)` in the layout of `xs`."""
   rules = _rules_for(cell.kind, cell.config)
+  if xs.shape[0 if time_major else -2] == 0:  # no steps: no outputs, the initial state
+    return jnp.zeros(xs.shape[:-1] + (cell.output_size,), xs.dtype), state
   if time_major:
     num_steps, batch_shape, axis = xs.shape[0], xs.shape[1:-1], 0
-    flat = (num_steps, -1)
   else:
     num_steps, batch_shape, axis = xs.shape[-2], xs.shape[:-2], 1
-    flat = (-1, num_steps)
-  xs = xs.reshape(flat + xs.shape[-1:])
-  state = jax.tree.map(lambda s: s.reshape((-1, s.shape[-1])), state)
+  batch = math.prod(batch_shape)
+  xs = xs.reshape(((num_steps, batch) if time_major else (batch, num_steps)) + xs.shape[-1:])
+  state = jax.tree.map(lambda s: s.reshape((batch, s.shape[-1])), state)
   if mask is not None:
-    mask = mask.reshape((num_steps, -1))
+    mask = mask.reshape((num_steps, batch))
   fn = _make_layer(rules, mask is not None, bool(remat), unroll, clip_delta, bool(reverse), axis)
   ys, final = fn(rules.recurrent_params(params), params.w_ih, rules.input_bias(params), xs, state,
                  mask)

@@ -110,6 +110,20 @@ def test_unbatched_sequence(key):
   assert_trees_close(final, jax.tree.map(lambda s: s[0], final_b), atol=1e-6)
 
 
+@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("grad", ["autodiff", "manual"])
+def test_empty_sequence_returns_initial_state(grad, time_major, key):
+  cell, params, xs, state = setup("lstm", key)
+  state = jax.tree.map(lambda s: s + 0.5, state)
+  xs = jnp.moveaxis(xs, 1, 0)[:0] if time_major else xs[:, :0]
+  ys, final = rnn.unroll(cell, params, xs, state, grad=grad, time_major=time_major)
+  assert ys.shape == xs.shape[:-1] + (cell.output_size,)
+  assert_trees_close(final, state, atol=0)
+  d_state = jax.grad(lambda s: jnp.sum(rnn.unroll(cell, params, xs, s, grad=grad,
+                                                  time_major=time_major)[1].hidden))(state)
+  np.testing.assert_array_equal(d_state.hidden, jnp.ones_like(state.hidden))
+
+
 def test_step_accepts_any_batch_shape(key):
   cell, params, _, _ = setup("lstm", key)
   state = cell.initial_state(params, (2, 3))
