@@ -144,7 +144,7 @@ def unroll(cell: Cell, params, xs: jax.Array, state, *, lengths: jax.Array | Non
       and recompute the rest in the backward pass (with `grad="manual"`: store only the states,
       recompute the gates).
     grad: `"autodiff"` (JAX differentiates the scan) or `"manual"` (the BPTT recursion written
-      out as a reverse scan carrying only the error signal, the weight gradients as one GEMM
+      out as a reverse loop carrying only the error signal, the weight gradients as one GEMM
       over all steps; see `rnn` docs). Both give the same gradient to float32 rounding.
     clip_delta: with `grad="manual"`, clip the error signal at every step to
       `[-clip_delta, clip_delta]` (at the gates' pre-activations, as Graves 2013).
