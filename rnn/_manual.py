@@ -11,6 +11,10 @@ all `T * B` rows at once instead of `T` small products accumulated inside the lo
 RNN and the LSTM, whose `dW_hh` and `dW_ih` share the left operand `dxw`, one GEMM gives both:
 `dxw.T @ [xs | h_prev]`.
 
+With `remat`, the forward pass stores only the state before each step, and the backward loop
+runs each step again, its input product included, so nothing `[T, B, G]` is stored between the
+passes (the forward's `xw` and the backward's `dxw` still count in the peak).
+
 The loops index the time axis where it lies (batch-major `[B, T, ...]` by default), so neither
 the inputs nor the outputs are transposed, and `reverse` is a reversed index, not a flipped copy.
 
@@ -246,27 +250,28 @@ def _make_layer(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delt
     bufs = _stacked_zeros(jax.eval_shape(step, state0, 0)[1], num_steps, axis)
     final, (ys, states_tm1, res) = jax.lax.fori_loop(0, num_steps, body, (state0, bufs),
                                                       unroll=unroll)
-    return ys, final, states_tm1, res, xw
+    return ys, final, states_tm1, res
 
   @jax.custom_vjp
   def layer(rp, w_ih, bias, xs, state0, mask):
-    ys, final, _, _, _ = run_forward(rp, w_ih, bias, xs, state0, mask)
+    ys, final, _, _ = run_forward(rp, w_ih, bias, xs, state0, mask)
     return ys, final
 
   def fwd(rp, w_ih, bias, xs, state0, mask):
-    ys, final, states_tm1, res, xw = run_forward(rp, w_ih, bias, xs, state0, mask)
-    return (ys, final), (rp, w_ih, bias, xs, mask, states_tm1, res, xw if remat else None)
+    ys, final, states_tm1, res = run_forward(rp, w_ih, bias, xs, state0, mask)
+    return (ys, final), (rp, w_ih, bias, xs, mask, states_tm1, res)
 
   def bwd(saved, cotangents):
-    rp, w_ih, bias, xs, mask, states_tm1, res, xw = saved
+    rp, w_ih, bias, xs, mask, states_tm1, res = saved
     dys, dfinal = cotangents
     num_steps = xs.shape[axis]
     rpt = _transpose(rp)
 
     def step(dstate, t):
       state_tm1 = _at(states_tm1, t, axis)
-      if remat:
-        _, _, res_t = rules.forward(rp, state_tm1, _add_bias(_at(xw, t, axis), bias))
+      if remat:  # the step again, its input products included: nothing [T, B, G] is stored
+        xw_t = _add_bias(_dense(_at(xs, t, axis), w_ih), bias)
+        _, _, res_t = rules.forward(rp, state_tm1, xw_t)
       else:
         res_t = _at(res, t, axis)
       dstate_new = dstate._replace(hidden=dstate.hidden + _at(dys, t, axis))

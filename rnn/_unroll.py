@@ -141,8 +141,8 @@ def unroll(cell: Cell, params, xs: jax.Array, state, *, lengths: jax.Array | Non
     time_major: `xs` and `ys` are `[T, B, ...]`.
     unroll: steps unrolled per scan iteration (`jax.lax.scan`'s `unroll`).
     remat: bound activation memory for long sequences: store the state every ~sqrt(T) steps
-      and recompute the rest in the backward pass (with `grad="manual"`: store only the states,
-      recompute the gates).
+      and recompute the rest in the backward pass (with `grad="manual"`: store only the state
+      before each step, and recompute each step, its input product included).
     grad: `"autodiff"` (JAX differentiates the scan) or `"manual"` (the BPTT recursion written
       out as a reverse loop carrying only the error signal, the weight gradients as one GEMM
       over all steps; see `rnn` docs). Both give the same gradient to float32 rounding.
