@@ -13,8 +13,11 @@ four variants: `grad="autodiff"` or `grad="manual"`, each with `remat=False` and
   * the median step time, the four variants interleaved (`_harness.interleave`).
 
 The per-step slope of XLA temp between the two longest sequences says what each variant keeps
-per time step; the floor that remat cannot remove is `xw` and its gradient, `2 * B * 4H * 4`
-bytes per step (the input projection is one GEMM over all steps, hoisted out of the scan).
+per time step. For autodiff the floor that remat cannot remove is `xw` and its gradient,
+`2 * B * 4H * 4` bytes per step (the input projection is one GEMM over all steps, hoisted out of
+the scan); `manual` with remat stores only the state before each step, recomputes each step's
+input product in the backward pass, and keeps the gates' gradient `dxw [T, B, 4H]` for the weight
+gradients' GEMMs.
 """
 
 from __future__ import annotations
@@ -250,10 +253,11 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
          "run once, and its buffers returned to the system: XLA frees them after the outputs "
          "are ready, which takes up to a second at T=10,000)" + (
              "" if on_cpu else "; not probed on this device, whose memory RSS does not see") +
-         ". xw + its gradient: the `[T, B, 4H]` input projection and its gradient, which every "
-         "variant holds in full (the floor remat cannot remove); `manual` also keeps the "
-         "gates' gradients `[T, B, 4H]` for the weight gradients' single GEMM over all steps, "
-         "so its remat saves only the stored gate activations. "
+         ". xw + its gradient: the `[T, B, 4H]` input projection and its gradient, which "
+         "autodiff holds in full (the floor its remat cannot remove). `manual` keeps the gates' "
+         "gradients `[T, B, 4H]` for the weight gradients' GEMMs over all steps; without remat "
+         "it stores the gate activations `[T, B, 4H]` for the backward pass, with remat only the "
+         "state before each step, and it recomputes each step, input product included. "
          "Speed vs autodiff: the median time of `autodiff` at the same T / the variant's "
          "(above 1: faster).\n\n" + _table(rows))
   if slopes:
