@@ -24,7 +24,7 @@ Per cell the module defines three functions on flat `[B, n]` arrays:
 - `backward(rp, rpt, residuals_t, state_tm1, dstate_t) -> (dstate_tm1, dxw_t, outs_t)`, where
   `dstate_t` already includes `dL/dy_t`, and `outs_t` holds what the recurrent weight gradients
   need besides `dxw`;
-- `finish(rp, outs, states_tm1, dw_hh) -> d rp`, the GEMMs over all steps (`dw_hh` is given
+- `finish(rp, dxw, outs, states_tm1, dw_hh) -> d rp`, the GEMMs over all steps (`dw_hh` is given
   when the layer computed it with `dW_ih`).
 
 `rp` holds the recurrent parameters only; `rpt` their transposes, made once per backward pass
@@ -83,7 +83,7 @@ def _simple_rules(config) -> _Rules:
     da = _clip(da, clip_delta)
     return SimpleState(_dense(da, w_hh_t)), da, None
 
-  def finish(rp, outs, states_tm1, dw_hh):
+  def finish(rp, dxw, outs, states_tm1, dw_hh):
     return (dw_hh,)
 
   return _Rules(lambda p: (p.w_hh,), _summed_bias, forward, backward, finish, shared_dw=True)
@@ -123,7 +123,7 @@ def _lstm_rules(config) -> _Rules:
     outs = (dstate.hidden, o * tanh_c) if proj else None
     return dstate_tm1, dz, outs
 
-  def finish(rp, outs, states_tm1, dw_hh):
+  def finish(rp, dxw, outs, states_tm1, dw_hh):
     return dw_hh, (_sum_outer(*outs) if proj else None)
 
   return _Rules(lambda p: (p.w_hh, p.w_hr), _summed_bias, forward, backward, finish,
@@ -174,14 +174,13 @@ def _gru_rules(config) -> _Rules:
     dar = _clip(d_rh * h_tm1 * r * (1.0 - r), clip_delta)
     dh_tm1 = _dense(jnp.concatenate([dar, daz], axis=-1), w_hh_t[:, :2 * h]) + d_rh * r + dh * z
     dxw = jnp.concatenate([dar, daz, dan], axis=-1)
-    return GRUState(dh_tm1), dxw, (dxw, r * h_tm1)
+    return GRUState(dh_tm1), dxw, r * h_tm1
 
-  def finish(rp, outs, states_tm1, dw_hh):
+  def finish(rp, dxw, outs, states_tm1, dw_hh):
     if reset_after:
       return _sum_outer(outs, states_tm1.hidden), jnp.sum(outs[..., 2 * h:], axis=(0, 1))
-    dxw, rh = outs
     dw_rz = _sum_outer(dxw[..., :2 * h], states_tm1.hidden)
-    dw_n = _sum_outer(dxw[..., 2 * h:], rh)
+    dw_n = _sum_outer(dxw[..., 2 * h:], outs)  # outs: r * h_{t-1}
     return jnp.concatenate([dw_rz, dw_n], axis=0), None
 
   def recurrent_params(p):
@@ -302,7 +301,7 @@ def _make_layer(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delt
       dw_ih, dw_hh = dw[:, :input_size], dw[:, input_size:]
     else:
       dw_ih, dw_hh = _sum_outer(dxw, xs), None
-    drp = rules.finish(rp, outs, states_tm1, dw_hh)
+    drp = rules.finish(rp, dxw, outs, states_tm1, dw_hh)
     dxs = jax.lax.dot_general(dxw, w_ih, (((dxw.ndim - 1,), (0,)), ((), ())))
     return drp, dw_ih, jnp.sum(dxw_rows, axis=0), dxs, dstate0, None
 
