@@ -123,6 +123,11 @@ def _add_bias(x: jax.Array, b: jax.Array) -> jax.Array:
   return x + b.reshape((1,) * (x.ndim - 1) + b.shape)
 
 
+def _select(mask_t: jax.Array, new, old):
+  """Keeps `old` where `mask_t` is False (padding past a sequence's length), leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(mask_t[..., None], n, o), new, old)
+
+
 def _summed_bias(params) -> jax.Array:
   """The bias added to the input projection of an Elman RNN or LSTM: `b_ih + b_hh`."""
   return params.b_ih + params.b_hh

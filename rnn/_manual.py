@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rnn._cells import (Cell, GRUState, LSTMState, SimpleState, _add_bias, _dense, _gru_input_bias,
-                        _lstm_gates, _summed_bias)
+                        _lstm_gates, _select, _summed_bias)
 
 
 def _sum_outer(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -202,10 +202,6 @@ def _transpose(rp):
   return jax.tree.map(lambda w: w.T if w.ndim == 2 else w, rp)
 
 
-def _masked(mask_t, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(mask_t[:, None], n, o), new, old)
-
-
 def _at(tree, t, axis):
   """Step `t` of every stacked array in `tree` (time on `axis`)."""
   return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis, keepdims=False), tree)
@@ -236,7 +232,7 @@ def _make_layer(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delt
     def step(state_tm1, t):
       state_t, y_t, res_t = rules.forward(rp, state_tm1, _add_bias(_at(xw, t, axis), bias))
       if masked:
-        state_t = _masked(mask[t], state_t, state_tm1)
+        state_t = _select(mask[t], state_t, state_tm1)
         y_t = jnp.where(mask[t][:, None], y_t, jnp.zeros_like(y_t))
       return state_t, (y_t, state_tm1, None if remat else res_t)
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from rnn import _manual
-from rnn._cells import Cell
+from rnn._cells import Cell, _select
 
 _GRADS = ("autodiff", "manual")
 _LEAF_KINDS = ("simple", "lstm", "gru")
@@ -54,11 +54,6 @@ def _step_mask(lengths, num_steps: int, batch_shape) -> jax.Array | None:
     return None
   t = jnp.arange(num_steps).reshape((num_steps,) + (1,) * len(batch_shape))
   return t < lengths[None]
-
-
-def _select(mask_t, new, old):
-  """Keeps `old` where `mask_t` is False (padding past a sequence's length)."""
-  return jax.tree.map(lambda n, o: jnp.where(mask_t[..., None], n, o), new, old)
 
 
 def _scan_steps(cell: Cell, params, xw, state, mask, *, reverse, unroll, remat, offsets=None):
