@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_alts._base import OutputLayer, check_hidden, check_targets, nan_where_invalid
+from softmax_alts import _lse
+from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
+                                layer_functions, param_dtype_of)
 
 
 class AdaptiveParams(NamedTuple):
@@ -55,205 +57,9 @@ def _check_cutoffs(cutoffs) -> tuple[int, ...]:
   return values
 
 
-# A tail's loss needs the cluster's logits for its member rows only, and under Zipf's law they
-# are few; with static shapes their number is known only at run time. The member rows are
-# packed first (`_pack`) and the work is two nested loops: the outer one over chunks of
-# `_VOCAB_CHUNK` cluster words (a static count), the inner one over blocks of `_BLOCK_ROWS`
-# packed rows (a trip count of ceil(members / B), known at run time). Each chunk of the
-# cluster's output vectors is read once and used by every block of rows while it is in cache,
-# with an online log-sum-exp, so the cost is about members * (H h + h cluster_size) flops and
-# one pass over the cluster's vectors per pass, and nothing of size [members, cluster_size]
-# is ever built. The backward pass runs the same loops, recomputing the logits, and writes each
-# chunk's gradient once.
-_BLOCK_ROWS = 64
-_VOCAB_CHUNK = 8192
-
-
-def _pack(member, block: int):
-  """Row ids of the `member` rows first (padded to a multiple of `block`), and their count."""
-  num_rows = member.shape[0]
-  padded = -(-num_rows // block) * block
-  slot = jnp.cumsum(member, dtype=jnp.int32) - 1
-  rows = jnp.zeros((padded,), jnp.int32).at[jnp.where(member, slot, padded)].set(
-      jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-  return rows, jnp.sum(member, dtype=jnp.int32)
-
-
-def _dot_rows(x, rows):
-  """`x [n, k]` times `rows [m, k]` transposed, contracting the last axes: `[n, m]`."""
-  return jax.lax.dot_general(x, rows, (((1,), (1,)), ((), ())))
-
-
-def _chunk_of(output, j, chunk):
-  """Chunk j of the cluster's vectors (the last one clamped to the end) and its fresh ids."""
-  size = output.shape[0]
-  start = jnp.minimum(j * chunk, size - chunk)
-  fresh = start + jnp.arange(chunk, dtype=jnp.int32) >= j * chunk
-  return start, jax.lax.dynamic_slice_in_dim(output, start, chunk, 0), fresh
-
-
-def _tail_setup(hidden, projection, member):
-  block = min(_BLOCK_ROWS, hidden.shape[0])
-  rows, count = _pack(member, block)
-  z = _dot_rows(hidden[rows], projection)                                # [P, h], packed
-  real = jnp.arange(rows.shape[0], dtype=jnp.int32) < count
-  return block, rows, count, z, real
-
-
-@jax.custom_vjp
-def _tail_log_prob(hidden, projection, output, relative, member) -> jax.Array:
-  """log p(w | cluster, h) = log softmax(O (P h))_relative for the `member` rows, 0 elsewhere.
-
-  Args:
-    hidden: `[N, H]`.
-    projection: `[h, H]` the cluster's projection P.
-    output: `[cluster_size, h]` the cluster's word vectors O.
-    relative: `[N]` int32 target ids within the cluster (any value in range where not member).
-    member: `[N]` bool, True where the target is in the cluster.
-
-  Returns:
-    `[N]` the log-probabilities within the cluster, 0 where not `member`.
-  """
-  return _tail_forward(hidden, projection, output, relative, member)[0]
-
-
-def _tail_forward(hidden, projection, output, relative, member):
-  num_rows = hidden.shape[0]
-  if num_rows == 0:
-    return jnp.zeros((0,), hidden.dtype), (hidden, projection, output) + (None,) * 6
-  block, rows, count, z, real = _tail_setup(hidden, projection, member)
-  chunk = min(_VOCAB_CHUNK, output.shape[0])
-  num_blocks = (count + block - 1) // block
-
-  def over_chunks(j, carry):
-    _, o_chunk, fresh = _chunk_of(output, j, chunk)
-
-    def over_rows(b, carry):
-      m, s = carry
-      logits = jnp.where(fresh[None, :],
-                         _dot_rows(jax.lax.dynamic_slice_in_dim(z, b * block, block, 0),
-                                   o_chunk), -jnp.inf)
-      m_prev = jax.lax.dynamic_slice_in_dim(m, b * block, block, 0)
-      s_prev = jax.lax.dynamic_slice_in_dim(s, b * block, block, 0)
-      m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-      s_new = (s_prev * jnp.exp(m_prev - m_new)
-               + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1))
-      return (jax.lax.dynamic_update_slice_in_dim(m, m_new, b * block, 0),
-              jax.lax.dynamic_update_slice_in_dim(s, s_new, b * block, 0))
-
-    return jax.lax.fori_loop(0, num_blocks, over_rows, carry)
-
-  packed = rows.shape[0]
-  m, s = jax.lax.fori_loop(0, -(-output.shape[0] // chunk), over_chunks,
-                           (jnp.full((packed,), -jnp.inf, z.dtype), jnp.zeros((packed,), z.dtype)))
-  lse = jnp.where(real, m + jnp.log(s), 0)
-  target = relative[rows]
-  value = jnp.sum(z * output[target], axis=1) - lse
-  values = jnp.zeros((num_rows,), hidden.dtype).at[jnp.where(real, rows, num_rows)].set(
-      value.astype(hidden.dtype), mode="drop")
-  return values, (hidden, projection, output, rows, real, z, target, lse, num_blocks)
-
-
-def _tail_backward(residuals, cotangent):
-  hidden, projection, output, rows, real, z, target, lse, num_blocks = residuals
-  if rows is None:  # an empty batch
-    return jnp.zeros_like(hidden), jnp.zeros_like(projection), jnp.zeros_like(output), None, None
-  num_rows = hidden.shape[0]
-  block = min(_BLOCK_ROWS, num_rows)
-  chunk = min(_VOCAB_CHUNK, output.shape[0])
-  g = jnp.where(real, cotangent[rows], 0).astype(z.dtype)                # [P]
-
-  def over_chunks(j, carry):
-    dz, d_output = carry
-    start, o_chunk, fresh = _chunk_of(output, j, chunk)
-
-    def over_rows(b, carry):
-      dz, d_chunk = carry
-      z_b = jax.lax.dynamic_slice_in_dim(z, b * block, block, 0)
-      lse_b = jax.lax.dynamic_slice_in_dim(lse, b * block, block, 0)
-      g_b = jax.lax.dynamic_slice_in_dim(g, b * block, block, 0)
-      # d/dlogits of (logit_target - logsumexp) is onehot(target) - softmax, times g; the
-      # one-hot part is added after the loops, on the target rows of O only.
-      d_logits = jnp.where(fresh[None, :],
-                           -g_b[:, None] * jnp.exp(_dot_rows(z_b, o_chunk) - lse_b[:, None]), 0)
-      dz = jax.lax.dynamic_update_slice_in_dim(
-          dz, jax.lax.dynamic_slice_in_dim(dz, b * block, block, 0) + d_logits @ o_chunk,
-          b * block, 0)
-      return dz, d_chunk + jax.lax.dot_general(d_logits, z_b, (((0,), (0,)), ((), ())))
-
-    dz, d_chunk = jax.lax.fori_loop(0, num_blocks, over_rows,
-                                    (dz, jnp.zeros((chunk, z.shape[1]), z.dtype)))
-    d_output = jax.lax.dynamic_update_slice_in_dim(
-        d_output, jax.lax.dynamic_slice_in_dim(d_output, start, chunk, 0) + d_chunk, start, 0)
-    return dz, d_output
-
-  dz, d_output = jax.lax.fori_loop(0, -(-output.shape[0] // chunk), over_chunks,
-                                   (jnp.zeros_like(z), jnp.zeros_like(output)))
-  dz = dz + g[:, None] * output[target]
-  d_output = d_output.at[target].add(g[:, None] * z)
-  d_hidden = jnp.zeros_like(hidden).at[jnp.where(real, rows, num_rows)].add(
-      dz @ projection, mode="drop")
-  d_projection = jax.lax.dot_general(dz, hidden[rows], (((0,), (0,)), ((), ())))
-  return d_hidden, d_projection, d_output, None, None
-
-
-_tail_log_prob.defvjp(_tail_forward, _tail_backward)
-
-
-def _tail_log_probs(hidden, projection, output) -> jax.Array:
-  """`[N, C]` log softmax over a cluster's words, for every row."""
-  return jax.nn.log_softmax((hidden @ projection.T) @ output.T, axis=1)
-
-
-def _head_log_probs(params, hidden) -> jax.Array:
-  """`[N, S + K]` log softmax over the shortlist and the clusters."""
-  logits = hidden @ params.head.T
-  if params.head_bias is not None:
-    logits = logits + params.head_bias[None, :]
-  return jax.nn.log_softmax(logits, axis=1)
-
-
-def _log_prob_fns(cuts: tuple[int, ...], tail_log_prob, tail_log_probs):
-  """`(target_log_prob(params, hidden, targets) -> [N], all_log_probs(params, hidden) -> [N, V])`,
-  jitted, from a cluster's `tail_log_prob(hidden, projection, output, relative, member)` and
-  `tail_log_probs(hidden, projection, output)`: shared by `adaptive` and its vocab-parallel form.
-
-  They are jitted once here (the input checks stay outside, so that a bad id raises eagerly);
-  called under an outer `jit`, they are inlined.
-  """
-  shortlist, num_clusters = cuts[0], len(cuts)
-
-  @jax.jit
-  def target_log_prob(params, hidden, targets) -> jax.Array:
-    vocab_size = cuts[-1] + params.tail_outputs[-1].shape[0]
-    valid = (targets >= 0) & (targets < vocab_size)  # NaN for a bad id under jit
-    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    bounds = list(cuts) + [vocab_size]
-    cluster = jnp.searchsorted(jnp.asarray(cuts, jnp.int32), targets, side="right")  # 0: head
-    cluster = cluster.astype(jnp.int32)
-    head_index = jnp.where(cluster == 0, targets, shortlist + cluster - 1)
-    head = _head_log_probs(params, hidden)
-    total = jnp.take_along_axis(head, head_index[:, None], axis=1)[:, 0]
-    for i in range(num_clusters):
-      relative = jnp.clip(targets - bounds[i], 0, bounds[i + 1] - bounds[i] - 1)
-      total = total + tail_log_prob(hidden, params.tail_projections[i], params.tail_outputs[i],
-                                    relative, cluster == i + 1)
-    return nan_where_invalid(total, valid)
-
-  @jax.jit
-  def all_log_probs(params, hidden) -> jax.Array:
-    head = _head_log_probs(params, hidden)
-    parts = [head[:, :shortlist]]
-    for i in range(num_clusters):
-      tail = tail_log_probs(hidden, params.tail_projections[i], params.tail_outputs[i])
-      parts.append(tail + head[:, shortlist + i:shortlist + i + 1])
-    return jnp.concatenate(parts, axis=1)
-
-  return target_log_prob, all_log_probs
-
-
-def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
-             head_bias: bool = False) -> OutputLayer:
+def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0, head_bias: bool = False,
+             strategy: str | None = None, block_rows: int = 8192, tile_rows: int = 64,
+             mesh=None, axis: str = "model") -> OutputLayer:
   """Adaptive softmax: a head over the shortlist and the clusters, low-rank tails per cluster.
 
   With cutoffs c_0 < .. < c_{K-1} (and c_K = V), the head scores the shortlist words
@@ -265,13 +71,18 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
                    + log softmax(O_i (P_i h))_{w - c_i}               for c_i <= w < c_{i+1}.
 
   Exactly PyTorch's `torch.nn.AdaptiveLogSoftmaxWithLoss` (same parameters, same numbers; see
-  `AdaptiveParams` for the layout, `adaptive_from_torch` to copy a module's weights). The loss
-  computes the head for every row but a tail only for the rows whose target falls in it: they
-  are packed first and processed in blocks of 32 rows by a loop whose trip count is known only
-  at run time (static shapes throughout), so a frequent target costs O(H * (c_0 + K)) and a
-  rare one adds O(H * h_i + h_i * cluster_size_i). The tails' backward pass is hand-written
-  (`jax.custom_vjp`, the same loop): `loss` and `log_prob` support first-order reverse mode
-  (`grad`, `vjp`), not forward mode; `log_probs` is plain autodiff.
+  `AdaptiveParams` for the layout, `adaptive_from_torch` to copy a module's weights). Both
+  terms come from the package's one log-sum-exp primitive: the head over its table for every
+  row, and each tail over its cluster for the rows whose target falls in it (every other row
+  has an empty range). With the "stream" strategy (the CPU default) those member rows are
+  gathered first and computed in tiles of `tile_rows` rows against blocks of `block_rows`
+  cluster words, in a loop whose trip count is known only at run time (static shapes
+  throughout), so a frequent target costs O(H (c_0 + K)) and a rare one adds
+  O(H h_i + h_i cluster_size_i); "materialize" (accelerators) computes each tail for every row
+  in one GEMM. `loss` and `log_prob` support reverse mode (`grad`, `vjp`), `log_probs` any
+  autodiff. With `mesh`, each tail's output table is split along its cluster's words over
+  `axis` (the head and projections are replicated); every cluster size must be a multiple of
+  the axis size.
 
   Example:
     >>> layer = adaptive([2000, 10000])  # V = 100K: shortlist 2000, clusters of 8K and 90K
@@ -282,6 +93,11 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
     cutoffs: increasing ids in (0, V); `cutoffs[0]` is the shortlist size.
     div_value: the divisor of the tail widths, h_i = H // div_value**(i+1).
     head_bias: whether the head has a bias (PyTorch's default: no).
+    strategy: "stream", "materialize" or None (by backend and size; see `full`).
+    block_rows: cluster words per block (stream).
+    tile_rows: member rows per tile (stream).
+    mesh: a `jax.sharding.Mesh` to split the tails over, or None.
+    axis: the mesh axis the clusters are split over.
 
   Returns:
     An `OutputLayer` with `AdaptiveParams`. `loss` is the exact NLL `[N]` (its `key` is unused),
@@ -294,21 +110,27 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
   cuts = _check_cutoffs(cutoffs)
   if isinstance(div_value, bool) or not isinstance(div_value, (int, float)) or not div_value > 0:
     raise ValueError(f"`div_value` must be a positive number; got {div_value!r}.")
+  _lse.check_strategy(strategy)
+  check_positive_int(block_rows, "block_rows")
+  check_positive_int(tile_rows, "tile_rows")
+  shards = check_mesh(mesh, axis)
   shortlist, num_clusters = cuts[0], len(cuts)
+  head_size = shortlist + num_clusters
 
   def widths(hidden_size: int) -> list[int]:
     return [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("dtype",))
-  def init(key, hidden_size: int, vocab_size: int, *, dtype=jnp.float32) -> AdaptiveParams:
+  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
+  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
+           dtype=None) -> AdaptiveParams:
     """Every weight uniform in +-1/sqrt(fan_in), as PyTorch's `Linear` (and its module)."""
+    dtype = param_dtype_of(param_dtype, dtype)
     if hidden_size < 1:
       raise ValueError(f"`hidden_size` must be >= 1; got {hidden_size}.")
     if vocab_size <= cuts[-1]:
       raise ValueError(f"`cutoffs` must be ids in (0, V) = (0, {vocab_size}); "
                        f"got {list(cuts)}.")
     bounds = list(cuts) + [vocab_size]
-    head_size = shortlist + num_clusters
     # (shape, fan_in) of every tensor, in the field order; one uniform draw for them all.
     specs = [((head_size, hidden_size), hidden_size)]
     specs += [((head_size,), hidden_size)] if head_bias else []
@@ -326,13 +148,15 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
         tail_projections=tuple(next(parts) for _ in range(num_clusters)),
         tail_outputs=tuple(next(parts) for _ in range(num_clusters)))
 
-  def vocab_of(params: AdaptiveParams, hidden) -> int:
+  def check(params: AdaptiveParams, hidden) -> int:
     """V, from the shapes of `params`, after checking them against `hidden` (trace time)."""
-    hidden_size = jnp.shape(hidden)[1]
-    head_size = shortlist + num_clusters
-    if jnp.shape(params.head) != (head_size, hidden_size):
+    if jnp.ndim(params.head) != 2 or jnp.shape(params.head)[0] != head_size:
       raise ValueError(f"`params.head` must be [cutoffs[0] + num_clusters, H] = "
-                       f"[{head_size}, {hidden_size}]; got {jnp.shape(params.head)}.")
+                       f"[{head_size}, H]; got {jnp.shape(params.head)}.")
+    hidden_size = jnp.shape(params.head)[1]
+    if jnp.shape(hidden)[1] != hidden_size:
+      raise ValueError(f"`hidden` must be [N, H] with H = {hidden_size} (the columns of "
+                       f"`params.head`); got shape {jnp.shape(hidden)}.")
     if head_bias != (params.head_bias is not None):
       raise ValueError(f"`params.head_bias` must be {'an array' if head_bias else 'None'} "
                        f"(head_bias={head_bias}); got {type(params.head_bias).__name__}.")
@@ -352,27 +176,42 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0,
       if jnp.shape(params.tail_outputs[i]) != (size, h):
         raise ValueError(f"`params.tail_outputs[{i}]` must be [{size}, {h}]; "
                          f"got {jnp.shape(params.tail_outputs[i])}.")
+      check_divisible(size, shards, f"params.tail_outputs[{i}]", axis)
     return vocab_size
 
-  target_log_prob, all_log_probs = _log_prob_fns(cuts, _tail_log_prob, _tail_log_probs)
+  def target_log_prob(params: AdaptiveParams, hidden, targets) -> jax.Array:
+    cluster = jnp.searchsorted(jnp.asarray(cuts, jnp.int32), targets, side="right")  # 0: head
+    cluster = cluster.astype(jnp.int32)
+    head_index = jnp.where(cluster == 0, targets, shortlist + cluster - 1)
+    head_lse, head_z = _lse.lse_and_target(hidden, params.head, params.head_bias, head_index,
+                                           strategy=strategy)
+    total = head_z - head_lse
+    for i, (projection, output) in enumerate(zip(params.tail_projections, params.tail_outputs)):
+      member = cluster == i + 1
+      size = output.shape[0]
+      lo = jnp.where(member, 0, size)
+      # Streamed, the few member rows recompute their logits in the backward pass: a small
+      # GEMM, where keeping them would hold a block of every cluster word for every tile.
+      tail_strategy = strategy or _lse.default_strategy(hidden.shape[0], size)
+      lse, z = _lse.lse_and_target(
+          _lse.dot(hidden, projection, ((1,), (1,))).astype(_lse.common_dtype(hidden, output)),
+          output, None, targets - cuts[i], lo, jnp.full_like(lo, size), strategy=tail_strategy,
+          store=tail_strategy == "materialize", block_rows=block_rows, tile_rows=tile_rows,
+          max_range=size, mesh=mesh, axis=axis)
+      total = total + jnp.where(member, z - lse, 0)
+    return total
 
-  def log_prob(params: AdaptiveParams, hidden, targets) -> jax.Array:
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
-    vocab_size = vocab_of(params, hidden)
-    check_targets(targets, vocab_size, jnp.shape(hidden)[0])  # raises on a bad id outside jit
-    return target_log_prob(params, hidden, jnp.asarray(targets))
+  def all_log_probs(params: AdaptiveParams, hidden) -> jax.Array:
+    head = _lse.log_softmax(_lse.logits(hidden, params.head, params.head_bias))
+    parts = [head[:, :shortlist]]
+    for i, (projection, output) in enumerate(zip(params.tail_projections, params.tail_outputs)):
+      projected = _lse.dot(hidden, projection, ((1,), (1,))).astype(
+          _lse.common_dtype(hidden, output))
+      z, lse = _lse.split_logits(projected, output, None, mesh, axis)
+      parts.append(z - (lse - head[:, shortlist + i])[:, None])
+    return jnp.concatenate(parts, axis=1)
 
-  def loss(params: AdaptiveParams, hidden, targets, *, key=None) -> jax.Array:
-    del key  # exact: nothing is sampled
-    return -log_prob(params, hidden, targets)
-
-  def log_probs(params: AdaptiveParams, hidden) -> jax.Array:
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
-    vocab_of(params, hidden)
-    return all_log_probs(params, hidden)
-
+  loss, log_prob, log_probs = layer_functions(check, target_log_prob, all_log_probs)
   return OutputLayer(init=init, loss=loss, log_prob=log_prob, log_probs=log_probs)
 
 

@@ -7,212 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from softmax_alts._base import OutputLayer, check_hidden, check_targets, nan_where_invalid
+from softmax_alts import _lse
+from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
+                                layer_functions, param_dtype_of)
 from softmax_alts._trees import _check_counts
-
-# The within-class log-normalizer, in (tile, block) pairs of class-sorted rows.
-#
-# Token n needs logsumexp over the words of its class, the id range [lo_n, hi_n). Padding every
-# row to the largest class (M words) and gathering `[N, M, H]` costs N M H memory traffic,
-# more than the full softmax at V = 100K (M = 3,753 there). Instead the rows are sorted by
-# class, so that both lo and hi are non-decreasing, and the vocabulary is cut into blocks of
-# `BLOCK_WORDS` ids: the rows whose classes reach into block j are then a contiguous run, cut
-# into tiles of T rows (`_tile_rows`: about the batch's rows per class). One flat loop goes over
-# these (tile, block) pairs in block order (their number is known at run time): one small
-# `[B, H] x [H, T]` GEMM per pair, with an online log-sum-exp over the blocks a row meets and a
-# membership mask. In the tail, where the
-# classes are large and each holds few of the batch's rows, a block meets about one tile, so
-# the pairs number about V / B + N / T and each word's row of the table is read once.
-#
-# The gradient is a hand-written `custom_vjp` that reads the table once in all:
-#   - the forward pass also accumulates, per row, the softmax-weighted sum of the word vectors
-#     of its class (online, rescaled as the sum of exponentials is) and the target's word
-#     vector, which give d hidden = g * E_p[w] + g_z * w_t without a second pass over the table;
-#   - it keeps each pair's `[B, T]` logits (`_capacity` pairs of them; the backward pass
-#     recomputes the rare pairs beyond it from the table), so that the backward pass only forms
-#     d logits and adds `d logits @ h` into each block of the `[V, H]` gradient.
-# Nothing of size N V or N M H is built.
-
-TILE_ROWS = None    # class-sorted rows per tile; None: from the rows per class (`_tile_rows`)
-BLOCK_WORDS = 64    # vocabulary rows per block
 
 
 def _tile_rows(num_rows: int, num_classes: int) -> int:
-  """`TILE_ROWS`, or the power of two (8 to 64) at or above N / C, about the batch's rows per
-  class: a tile then mostly holds the rows of one class. Measured at V = 100K, N = 1024 (2 CPU
-  cores): C = 316 is fastest with tiles of 8 (4 is no faster), C = 100 with 16, C = 32 with 32,
-  C = 8 with 64 or more."""
-  if TILE_ROWS is not None:
-    return TILE_ROWS
+  """The power of two from 8 to 64 at or above N / C, about the batch's rows per class: a tile
+  of class-sorted rows then mostly holds the rows of one class."""
   return min(64, max(8, 1 << (max(1, -(-num_rows // num_classes)) - 1).bit_length()))
-
-
-class _Pairs(NamedTuple):
-  """The (tile, block) pairs, in block order: pair p is the rows `[row[p], row[p] + T)` against
-  the ids of block `block[p]`; the first `count` of the slots are used."""
-  block: jax.Array   # [slots]
-  row: jax.Array     # [slots]
-  count: jax.Array   # []
-
-
-def _pairs(lo, hi, tile, block, vocab_size, num_rows, max_span) -> _Pairs:
-  """The pairs of `num_rows` sorted rows (then padding), each meeting at most `max_span` blocks."""
-  num_blocks = -(-vocab_size // block)
-  starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
-  ends = jnp.minimum(starts + block, vocab_size)
-  first = jnp.searchsorted(hi, starts, side="right").astype(jnp.int32)  # first row with hi > start
-  stop = jnp.searchsorted(lo, ends, side="left").astype(jnp.int32)      # first row with lo >= end
-  tiles = -(-jnp.maximum(stop - first, 0) // tile)
-  # sum_j ceil(rows_j / T) <= blocks + (sum_j rows_j) / T, and sum_j rows_j <= N * max_span.
-  slots = max(1, min(num_blocks + num_rows * max_span // tile,
-                     num_blocks * -(-num_rows // tile)))
-  block_of = jnp.repeat(jnp.arange(num_blocks, dtype=jnp.int32), tiles,
-                        total_repeat_length=slots)
-  offset = jnp.arange(slots, dtype=jnp.int32) - (jnp.cumsum(tiles) - tiles)[block_of]
-  return _Pairs(block_of, first[block_of] + offset * tile, jnp.sum(tiles))
-
-
-def _capacity(pairs: _Pairs, tile, block, vocab_size, num_rows) -> int:
-  """Pairs whose logits are kept: every block once and every row twice over, which covers the
-  pairs of typical batches (a block meets more than one tile only where many rows share small
-  classes) at about `(V + 2 N B) T` floats, where the worst case is `(V + N M) T`."""
-  return min(pairs.block.shape[0], -(-vocab_size // block) + 2 * -(-num_rows // tile))
-
-
-def _pair(p, pairs: _Pairs, tile, block, vocab_size, *rows):
-  """Pair p: its first row, the block's first id (the last block clamped to the end of the
-  table), the block's ids, the mask of ids no earlier block owns, and `rows` sliced to the tile."""
-  j, row0 = pairs.block[p], pairs.row[p]
-  start = jnp.minimum(j * block, vocab_size - block)
-  ids = start + jnp.arange(block, dtype=jnp.int32)
-  return (row0, start, ids, ids >= j * block,
-          *(lax.dynamic_slice_in_dim(x, row0, tile, 0) for x in rows))
-
-
-def _logits(w_blk, b_blk, h_t, lo_t, hi_t, ids, fresh):
-  """`[B, T]` logits of a tile against a block, -inf outside each row's class. The block is the
-  dot's left operand, used as stored (a transposed `[B, H]` operand is repacked on every call)."""
-  z = lax.dot_general(w_blk, h_t, (((1,), (1,)), ((), ()))) + b_blk[:, None].astype(h_t.dtype)
-  member = fresh[:, None] & (ids[:, None] >= lo_t[None, :]) & (ids[:, None] < hi_t[None, :])
-  return jnp.where(member, z, -jnp.inf)
-
-
-def _forward(w, b, hidden, lo, hi, targets, pairs, tile, block, capacity):
-  """`(lse, z_t)` and, with `capacity` (for the gradient), `(sum of exponentials, accumulated
-  softmax-weighted word vectors, target word vectors, kept logits)`, all per sorted row."""
-  rows, dtype, vocab_size = hidden.shape[0], hidden.dtype, w.shape[0]
-  with_grad = capacity is not None
-
-  def body(p, carry):
-    m, s, z_t, acc, w_t, kept = carry
-    row0, start, ids, fresh, h_t, lo_t, hi_t, t_t, m_prev, s_prev, zt_prev = _pair(
-        p, pairs, tile, block, vocab_size, hidden, lo, hi, targets, m, s, z_t)
-    w_blk = lax.dynamic_slice_in_dim(w, start, block, 0)
-    z = _logits(w_blk, lax.dynamic_slice_in_dim(b, start, block, 0), h_t, lo_t, hi_t, ids, fresh)
-    hit = fresh[:, None] & (ids[:, None] == t_t[None, :])  # within the class: a member
-    z_t = lax.dynamic_update_slice_in_dim(z_t, zt_prev + jnp.sum(jnp.where(hit, z, 0), axis=0),
-                                          row0, 0)
-    m_new = jnp.maximum(m_prev, jnp.max(z, axis=0))
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0)
-    scale = jnp.exp(m_prev - shift)
-    # [T, B], materialized as such (the barrier keeps XLA from folding the transpose into the
-    # dot below, which would then run on its slow transposed-operand path).
-    e = lax.optimization_barrier(jnp.exp(z.T - shift[:, None]))
-    s = lax.dynamic_update_slice_in_dim(s, s_prev * scale + jnp.sum(e, axis=1), row0, 0)
-    if with_grad:
-      acc = lax.dynamic_update_slice_in_dim(
-          acc, lax.dynamic_slice_in_dim(acc, row0, tile, 0) * scale[:, None] + e @ w_blk, row0, 0)
-      # The target's word vector from the block in cache (a gather from the table after the
-      # loop would make XLA copy the donated table before the SGD update overwrites it).
-      found = jnp.any(hit, axis=0)
-      w_hit = jnp.take(w_blk, jnp.clip(t_t - start, 0, block - 1), axis=0)
-      w_t = lax.dynamic_update_slice_in_dim(
-          w_t, lax.dynamic_slice_in_dim(w_t, row0, tile, 0)
-          + jnp.where(found[:, None], w_hit, 0), row0, 0)
-      kept = lax.dynamic_update_index_in_dim(kept, z, jnp.minimum(p, capacity), 0)  # last: spare
-    return lax.dynamic_update_slice_in_dim(m, m_new, row0, 0), s, z_t, acc, w_t, kept
-
-  empty = lambda shape: jnp.zeros(shape if with_grad else (0,), dtype)
-  init = (jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype), jnp.zeros((rows,), dtype),
-          empty(hidden.shape), empty(hidden.shape),
-          empty((capacity + 1 if with_grad else 0, block, tile)))
-  m, s, z_t, acc, w_t, kept = lax.fori_loop(0, pairs.count, body, init)
-  return m + jnp.log(s), z_t, (s, acc, w_t, kept)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _class_lse(w, b, hidden, lo, hi, targets, tile, block, max_span):
-  """`([N] logsumexp, [N] target logit)` of `hidden @ w.T + b` over the ids `[lo_n, hi_n)`;
-  `lo` and `hi` sorted, the last `tile` rows padding with `lo == hi == V` (they give (-inf, 0)),
-  every other row's class meeting at most `max_span` blocks."""
-  pairs = _pairs(lo, hi, tile, block, w.shape[0], hidden.shape[0] - tile, max_span)
-  lse, z_t, _ = _forward(w, b, hidden, lo, hi, targets, pairs, tile, block, None)
-  return lse, z_t
-
-
-def _class_lse_fwd(w, b, hidden, lo, hi, targets, tile, block, max_span):
-  pairs = _pairs(lo, hi, tile, block, w.shape[0], hidden.shape[0] - tile, max_span)
-  capacity = _capacity(pairs, tile, block, w.shape[0], hidden.shape[0] - tile)
-  lse, z_t, (s, acc, w_t, kept) = _forward(w, b, hidden, lo, hi, targets, pairs, tile, block,
-                                           capacity)
-  mean_w = jnp.where((s > 0)[:, None], acc / jnp.where(s > 0, s, 1)[:, None], 0)  # E_p[w]
-  return (lse, z_t), (w, b, hidden, lo, hi, targets, lse, mean_w, w_t, kept, pairs)
-
-
-def _class_lse_bwd(tile, block, max_span, residuals, cotangents):
-  """d logits = g * softmax within the class + g_z * onehot(target): d hidden from the forward
-  pass's sums, d w and d b added block by block from the kept (or recomputed) logits."""
-  w, b, hidden, lo, hi, targets, lse, mean_w, w_t, kept, pairs = residuals
-  g, g_z = cotangents
-  vocab_size, capacity = w.shape[0], kept.shape[0] - 1
-  g = jnp.where(jnp.isfinite(lse), g, 0)
-  lse = jnp.where(jnp.isfinite(lse), lse, 0)
-  d_hidden = g[:, None] * mean_w + g_z[:, None] * w_t
-
-  def add_pair(p, carry, recompute):
-    dw, db = carry
-    row0, start, ids, fresh, h_t, lo_t, hi_t, t_t, lse_t, g_t, gz_t = _pair(
-        p, pairs, tile, block, vocab_size, hidden, lo, hi, targets, lse, g, g_z)
-    if recompute:
-      z = _logits(lax.dynamic_slice_in_dim(w, start, block, 0),
-                  lax.dynamic_slice_in_dim(b, start, block, 0), h_t, lo_t, hi_t, ids, fresh)
-    else:
-      z = kept[p]
-    hit = fresh[:, None] & (ids[:, None] == t_t[None, :])
-    dz = g_t[None, :] * jnp.exp(z - lse_t[None, :]) + jnp.where(hit, gz_t[None, :], 0)  # [B, T]
-    # The clamped last block adds zeros to the ids an earlier block owns (dz is 0 there).
-    dw = lax.dynamic_update_slice_in_dim(
-        dw, lax.dynamic_slice_in_dim(dw, start, block, 0) + (dz @ h_t).astype(dw.dtype), start, 0)
-    db = lax.dynamic_update_slice_in_dim(
-        db, lax.dynamic_slice_in_dim(db, start, block, 0) + jnp.sum(dz, axis=1).astype(db.dtype),
-        start, 0)
-    return dw, db
-
-  carry = (jnp.zeros_like(w), jnp.zeros_like(b))
-  carry = lax.fori_loop(0, jnp.minimum(pairs.count, capacity),
-                        functools.partial(add_pair, recompute=False), carry)
-  dw, db = lax.fori_loop(capacity, jnp.maximum(pairs.count, capacity),
-                         functools.partial(add_pair, recompute=True), carry)
-  return dw, db, d_hidden, None, None, None
-
-
-_class_lse.defvjp(_class_lse_fwd, _class_lse_bwd)
-
-
-def _within_class_log_prob(w, b, hidden, lo, hi, targets, max_size, num_classes):
-  """log softmax over each row's class `[lo_n, hi_n)` at its target, `[N]`, where the
-  `num_classes` classes hold at most `max_size` words each: sorts the rows by class, pads them
-  with one tile of empty rows, runs the pair loops and unsorts."""
-  num_rows, vocab_size = hidden.shape[0], w.shape[0]
-  tile, block = _tile_rows(num_rows, num_classes), min(BLOCK_WORDS, vocab_size)
-  max_span = min(-(-(max_size - 1) // block) + 1, -(-vocab_size // block))
-  order = jnp.argsort(lo, stable=True)
-  fill = jnp.full((tile,), vocab_size, jnp.int32)  # empty ranges, sorted last
-  lse, z_t = _class_lse(w, b, jnp.pad(hidden[order], ((0, tile), (0, 0))),
-                        jnp.concatenate([lo[order], fill]), jnp.concatenate([hi[order], fill]),
-                        jnp.concatenate([targets[order], fill]), tile, block, max_span)
-  return jnp.zeros((num_rows,), lse.dtype).at[order].set((z_t - lse)[:num_rows])
 
 
 class ClassBasedParams(NamedTuple):
@@ -267,20 +73,24 @@ def frequency_classes(counts, num_classes: int) -> np.ndarray:
   return bounds
 
 
-def class_based(counts, num_classes: int) -> OutputLayer:
+def class_based(counts, num_classes: int, *, strategy: str | None = None, block_rows: int = 64,
+                tile_rows: int | None = None, mesh=None, axis: str = "model") -> OutputLayer:
   """Class-based softmax: p(w|h) = p(class(w) | h) * p(w | class(w), h), frequency-binned classes.
 
     log p(w | h) = log softmax(A h + a)_{c(w)} + log softmax_{v in c(w)}(W_v . h + b_v)_w
 
   The classes are contiguous id ranges of about equal total count (`frequency_classes`).
-  Frequency binning makes the rare-word classes large (on Zipfian counts with V = 100K and
-  C = 316 the largest holds M = 3,753 words, the average V / C = 316), so padding every row to
-  M words costs more than the full softmax. The loss instead sorts the rows by class and
-  computes each tile of rows against only the vocabulary blocks its classes cover, reading the
-  table once per training step (see `_within_class_log_prob`): measured at V = 100K, H = 512,
-  N = 1024 on 2 shared CPU cores, interleaved with the full softmax, a training step (loss,
-  gradients, SGD) of 140 ms against its 1,550 ms (11.1x), where padding to M took 16.9 s.
-  `log_probs` computes every word (one `[N, V]` GEMM) and normalizes within each class.
+  Frequency binning makes the rare-word classes large (on Zipfian counts the largest class holds
+  many times the average V / C words), so padding every row to the largest class would cost
+  more than the full softmax. Both terms come from the package's one log-sum-exp primitive: the
+  class term over the C classes, the word term over each row's own class, its id range. With
+  the "stream" strategy (the CPU default) the rows are sorted by class and cut into tiles of
+  `tile_rows` rows, the vocabulary into blocks of `block_rows` words, and each tile is computed
+  against only the blocks its classes cover, reading the table once per training step; with
+  "materialize" (accelerators) the word logits are one `[N, V]` GEMM masked to each row's
+  class. `log_probs` computes every word (one `[N, V]` GEMM) and normalizes within each class.
+  With `mesh`, the word table is split along V over `axis` (the class table is replicated) and
+  computed vocabulary-parallel, as `full`'s.
 
   Example:
     >>> layer = class_based(counts, num_classes=int(len(counts) ** 0.5))
@@ -291,6 +101,12 @@ def class_based(counts, num_classes: int) -> OutputLayer:
     counts: `[V]` non-negative word counts (or any weights to bin on, such as their square
       roots), ids sorted by descending frequency; only the class boundaries depend on them.
     num_classes: C in [1, V].
+    strategy: "stream", "materialize" or None (by backend and size; see `full`).
+    block_rows: vocabulary rows per block (stream).
+    tile_rows: class-sorted rows per tile (stream); None: the power of two from 8 to 64 at or
+      above N / C.
+    mesh: a `jax.sharding.Mesh` to split the word table over, or None.
+    axis: the mesh axis the vocabulary is split over.
 
   Returns:
     An `OutputLayer` with `ClassBasedParams(class_weights [C, H], class_bias [C],
@@ -306,12 +122,18 @@ def class_based(counts, num_classes: int) -> OutputLayer:
   num_words = int(bounds[-1])
   starts = bounds[:-1].astype(np.int32)
   sizes = np.diff(bounds).astype(np.int32)
-  max_size = int(sizes.max())
   class_of = np.repeat(np.arange(num_classes, dtype=np.int32), sizes)       # [V]
+  _lse.check_strategy(strategy)
+  check_positive_int(block_rows, "block_rows")
+  if tile_rows is not None:
+    check_positive_int(tile_rows, "tile_rows")
+  shards = check_mesh(mesh, axis)
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("dtype",))
-  def init(key, hidden_size: int, vocab_size: int, *, dtype=jnp.float32) -> ClassBasedParams:
+  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
+  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
+           dtype=None) -> ClassBasedParams:
     """Weights uniform in +-1/sqrt(H) (as a PyTorch `Linear`), biases zero."""
+    dtype = param_dtype_of(param_dtype, dtype)
     if vocab_size != num_words:
       raise ValueError(f"`vocab_size` must equal len(counts) = {num_words}; got {vocab_size}.")
     if hidden_size < 1:
@@ -325,7 +147,7 @@ def class_based(counts, num_classes: int) -> OutputLayer:
         word_weights=weights[num_classes:],
         word_bias=jnp.zeros((num_words,), dtype))
 
-  def check_params(params: ClassBasedParams, hidden) -> None:
+  def check(params: ClassBasedParams, hidden) -> int:
     width = jnp.shape(hidden)[1]
     for name, shape in (("class_weights", (num_classes, width)), ("class_bias", (num_classes,)),
                         ("word_weights", (num_words, width)), ("word_bias", (num_words,))):
@@ -333,55 +155,43 @@ def class_based(counts, num_classes: int) -> OutputLayer:
         raise ValueError(f"`params.{name}` must be {list(shape)} (C = {num_classes}, "
                          f"V = {num_words}, H = the width of `hidden`); "
                          f"got {list(jnp.shape(getattr(params, name)))}.")
+    check_divisible(num_words, shards, "params.word_weights", axis)
+    return num_words
 
-  def within_class(params: ClassBasedParams, hidden, targets):
-    """log p(w | class(w), h) for each row: the target's class only (see `_within_class_log_prob`)."""
-    lo = jnp.asarray(starts)[jnp.asarray(class_of)[targets]]              # [n]
-    hi = lo + jnp.asarray(sizes)[jnp.asarray(class_of)[targets]]
-    return _within_class_log_prob(params.word_weights, params.word_bias, hidden, lo, hi,
-                                  targets, max_size, num_classes)
-
-  # The computations are jitted once here (the checks stay outside, so that a bad id raises
-  # eagerly); called under an outer `jit`, they are inlined.
-  @jax.jit
   def target_log_prob(params: ClassBasedParams, hidden, targets) -> jax.Array:
-    valid = (targets >= 0) & (targets < num_words)  # NaN for a bad id under jit
-    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    class_logits = hidden @ params.class_weights.T + params.class_bias[None, :]  # [N, C]
     target_class = jnp.asarray(class_of)[targets]
-    class_term = (jnp.take_along_axis(class_logits, target_class[:, None], axis=1)[:, 0]
-                  - jax.nn.logsumexp(class_logits, axis=1))
-    return nan_where_invalid(class_term + within_class(params, hidden, targets), valid)
+    class_lse, class_z = _lse.lse_and_target(hidden, params.class_weights, params.class_bias,
+                                             target_class, strategy=strategy)
+    lo = jnp.asarray(starts)[target_class]
+    word_lse, word_z = _lse.lse_and_target(
+        hidden, params.word_weights, params.word_bias, targets, lo,
+        lo + jnp.asarray(sizes)[target_class], strategy=strategy, block_rows=block_rows,
+        tile_rows=tile_rows or _tile_rows(hidden.shape[0], num_classes),
+        max_range=int(sizes.max()), mesh=mesh, axis=axis)
+    return (class_z - class_lse) + (word_z - word_lse)
 
-  @jax.jit
   def all_log_probs(params: ClassBasedParams, hidden) -> jax.Array:
-    class_logits = hidden @ params.class_weights.T + params.class_bias[None, :]
-    class_log_probs = jax.nn.log_softmax(class_logits, axis=1)            # [N, C]
-    logits = hidden @ params.word_weights.T + params.word_bias[None, :]   # [N, V]
-    segments = jnp.asarray(class_of)
-    peak = jax.lax.stop_gradient(jax.ops.segment_max(
-        logits.T, segments, num_segments=num_classes, indices_are_sorted=True))  # [C, N]
-    shifted = jnp.exp(logits - peak.T[:, segments])
-    total = jax.ops.segment_sum(shifted.T, segments, num_segments=num_classes,
-                                indices_are_sorted=True)                  # [C, N]
-    log_norm = jnp.log(total.T) + peak.T                                  # [N, C]
-    return logits - log_norm[:, segments] + class_log_probs[:, segments]
+    class_log_probs = _lse.log_softmax(_lse.logits(hidden, params.class_weights,
+                                                   params.class_bias))      # [N, C]
 
-  def log_prob(params: ClassBasedParams, hidden, targets) -> jax.Array:
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
-    check_params(params, hidden)
-    check_targets(targets, num_words, jnp.shape(hidden)[0])  # raises on a bad id outside jit
-    return target_log_prob(params, hidden, jnp.asarray(targets))
+    def words(shard, hidden, class_log_probs, word_weights, word_bias):
+      z = _lse.logits(hidden, word_weights, word_bias)                     # [N, V / M]
+      segments = lax.dynamic_slice_in_dim(jnp.asarray(class_of), shard[0] * z.shape[1],
+                                          z.shape[1])
+      peak = jax.ops.segment_max(z.T, segments, num_segments=num_classes,
+                                 indices_are_sorted=True)                    # [C, N]
+      peak = lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0))
+      total = jax.ops.segment_sum(jnp.exp(z.T - peak[segments]), segments,
+                                  num_segments=num_classes, indices_are_sorted=True)
+      log_norm = _lse.combine(jnp.log(total) + peak, axis if shards > 1 else None).T  # [N, C]
+      return z - log_norm[:, segments] + class_log_probs[:, segments]
 
-  def loss(params: ClassBasedParams, hidden, targets, *, key=None) -> jax.Array:
-    del key  # exact: nothing is sampled
-    return -log_prob(params, hidden, targets)
+    args = (hidden, class_log_probs, params.word_weights, params.word_bias)
+    if shards == 1:
+      return words(jnp.zeros((1,), jnp.int32), *args)
+    return jax.shard_map(words, mesh=mesh, in_specs=(P(axis), P(), P(), P(axis, None), P(axis)),
+                         out_specs=P(None, axis), axis_names={axis})(
+                             _lse.shard_numbers(mesh, axis), *args)
 
-  def log_probs(params: ClassBasedParams, hidden) -> jax.Array:
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
-    check_params(params, hidden)
-    return all_log_probs(params, hidden)
-
+  loss, log_prob, log_probs = layer_functions(check, target_log_prob, all_log_probs)
   return OutputLayer(init=init, loss=loss, log_prob=log_prob, log_probs=log_probs)

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_alts._base import OutputLayer, check_hidden, check_targets, nan_where_invalid
-from softmax_alts._full import FullParams, lse_and_target
+from softmax_alts import _lse
+from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
+                                layer_functions, param_dtype_of)
 from softmax_alts._trees import _check_counts
 
 
@@ -47,7 +48,8 @@ def _check_bands(bands, vocab_size: int) -> tuple[tuple[int, int], ...]:
   return pairs
 
 
-def differentiated(counts, bands) -> OutputLayer:
+def differentiated(counts, bands, *, strategy: str | None = None, block_rows: int = 2048,
+                   mesh=None, axis: str = "model") -> OutputLayer:
   """D-softmax: word w in band j scores only against the j-th segment of h, of width dim_j.
 
   The hidden vector is cut into contiguous segments h = [h_1; ..; h_B] of widths dim_1 .. dim_B
@@ -58,7 +60,10 @@ def differentiated(counts, bands) -> OutputLayer:
 
   a block-diagonal output matrix, normalized exactly over all V words. It costs
   O(N * sum_j num_j * dim_j) instead of O(N * V * H): wide vectors for the few frequent words,
-  narrow ones for the many rare words.
+  narrow ones for the many rare words. Each band's log-sum-exp and target logit come from the
+  package's one log-sum-exp primitive (on its segment of h, with `full`'s strategies), and
+  log Z is the log-sum-exp of the bands'. With `mesh`, every band's table and the bias are split
+  along their words over `axis` (each band's word count a multiple of the axis size).
 
   Example:
     >>> layer = differentiated(counts, ((2000, 256), (8000, 128), (90_000, 128)))  # H = 512
@@ -70,6 +75,10 @@ def differentiated(counts, bands) -> OutputLayer:
       used).
     bands: a tuple of `(num_words, dim)` pairs in frequency order; the num_words sum to V and
       the dims to H.
+    strategy: "stream", "materialize" or None (by backend and size; see `full`).
+    block_rows: vocabulary rows per block (stream).
+    mesh: a `jax.sharding.Mesh` to split the bands over, or None.
+    axis: the mesh axis the vocabulary is split over.
 
   Returns:
     An `OutputLayer` with `DifferentiatedParams(weights=(W_1 [num_1, dim_1], ..), bias [V])`.
@@ -81,13 +90,18 @@ def differentiated(counts, bands) -> OutputLayer:
   """
   num_words = _check_counts(counts).shape[0]
   pairs = _check_bands(bands, num_words)
+  _lse.check_strategy(strategy)
+  check_positive_int(block_rows, "block_rows")
+  shards = check_mesh(mesh, axis)
   width = sum(d for _, d in pairs)
   dim_offsets = np.concatenate([[0], np.cumsum([d for _, d in pairs])]).tolist()
+  word_offsets = np.concatenate([[0], np.cumsum([w for w, _ in pairs])]).tolist()
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("dtype",))
-  def init(key, hidden_size: int, vocab_size: int, *,
-           dtype=jnp.float32) -> DifferentiatedParams:
+  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
+  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
+           dtype=None) -> DifferentiatedParams:
     """Band weights uniform in +-1/sqrt(dim_j) (as a PyTorch `Linear`), biases zero."""
+    dtype = param_dtype_of(param_dtype, dtype)
     if vocab_size != num_words:
       raise ValueError(f"`vocab_size` must equal len(counts) = {num_words}; got {vocab_size}.")
     if hidden_size != width:
@@ -100,12 +114,7 @@ def differentiated(counts, bands) -> OutputLayer:
                                             pairs))
     return DifferentiatedParams(weights=weights, bias=jnp.zeros((num_words,), dtype))
 
-  word_offsets = np.concatenate([[0], np.cumsum([w for w, _ in pairs])]).tolist()
-
-  def checked(params: DifferentiatedParams, hidden):
-    """`params` and `hidden` as arrays, after checking their shapes (at trace time)."""
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
+  def check(params: DifferentiatedParams, hidden) -> int:
     if jnp.shape(hidden)[1] != width:
       raise ValueError(f"`hidden` must be [N, H] with H = {width} (the sum of the `bands` "
                        f"dims); got shape {jnp.shape(hidden)}.")
@@ -113,51 +122,30 @@ def differentiated(counts, bands) -> OutputLayer:
     if shapes != list(pairs) or jnp.shape(params.bias) != (num_words,):
       raise ValueError(f"`params` must hold weights of shapes {list(pairs)} and a bias of shape "
                        f"({num_words},); got {shapes} and {jnp.shape(params.bias)}.")
-    return params, hidden
+    for j, (words, _) in enumerate(pairs):
+      check_divisible(words, shards, f"params.weights[{j}]", axis)
+    return num_words
 
-  def band_logits(params: DifferentiatedParams, hidden) -> list[jax.Array]:
-    """The logits of each band, `[N, num_words_j]`: band j's words against h's segment j."""
-    return [hidden[:, dim_offsets[j]:dim_offsets[j + 1]] @ w.T
-            + params.bias[None, word_offsets[j]:word_offsets[j + 1]]
+  def bands_of(params: DifferentiatedParams, hidden):
+    """`(h_j [N, dim_j], W_j, b_j)` of every band."""
+    return [(hidden[:, dim_offsets[j]:dim_offsets[j + 1]], w,
+             params.bias[word_offsets[j]:word_offsets[j + 1]])
             for j, w in enumerate(params.weights)]
 
-  # The computations are jitted once here (the checks stay outside, so that a bad id raises
-  # eagerly); called under an outer `jit`, they are inlined.
-  @jax.jit
   def target_log_prob(params: DifferentiatedParams, hidden, targets) -> jax.Array:
-    valid = (targets >= 0) & (targets < num_words)  # NaN for a bad id under jit
-    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    # Each band is a full softmax over its words with h's segment: the full softmax's blocked
-    # kernel gives its log Z and target logit without an [N, num_words_j] array in the value
-    # (and a backward pass in vocabulary blocks); log Z of the whole is the logsumexp of the
-    # bands' log Z.
-    log_norms, target_logit = [], jnp.zeros(targets.shape, hidden.dtype)
-    for j, w in enumerate(params.weights):
-      inside = (targets >= word_offsets[j]) & (targets < word_offsets[j + 1])
-      local = jnp.clip(targets - word_offsets[j], 0, pairs[j][0] - 1)
-      band = FullParams(w, params.bias[word_offsets[j]:word_offsets[j + 1]])
-      lse, picked = lse_and_target(band, hidden[:, dim_offsets[j]:dim_offsets[j + 1]], local,
-                                   None)
+    log_norms, target_logit = [], 0
+    for j, (h_j, w, b) in enumerate(bands_of(params, hidden)):
+      lse, z = _lse.lse_and_target(h_j, w, b, targets - word_offsets[j], strategy=strategy,
+                                   block_rows=block_rows, mesh=mesh, axis=axis)
       log_norms.append(lse)
-      target_logit = target_logit + jnp.where(inside, picked, 0)
-    log_norm = jax.nn.logsumexp(jnp.stack(log_norms, axis=1), axis=1)
-    return nan_where_invalid(target_logit - log_norm, valid)
+      target_logit = target_logit + z  # 0 outside the band
+    return target_logit - jax.nn.logsumexp(jnp.stack(log_norms, axis=1), axis=1)
 
-  @jax.jit
   def all_log_probs(params: DifferentiatedParams, hidden) -> jax.Array:
-    return jax.nn.log_softmax(jnp.concatenate(band_logits(params, hidden), axis=1), axis=1)
+    logits, log_norms = zip(*(_lse.split_logits(h_j, w, b, mesh, axis)
+                              for h_j, w, b in bands_of(params, hidden)))
+    log_norm = jax.nn.logsumexp(jnp.stack(log_norms, axis=1), axis=1)
+    return jnp.concatenate(logits, axis=1) - log_norm[:, None]
 
-  def log_prob(params: DifferentiatedParams, hidden, targets) -> jax.Array:
-    params, hidden = checked(params, hidden)
-    check_targets(targets, num_words, jnp.shape(hidden)[0])  # raises on a bad id outside jit
-    return target_log_prob(params, hidden, jnp.asarray(targets))
-
-  def loss(params: DifferentiatedParams, hidden, targets, *, key=None) -> jax.Array:
-    del key  # exact: nothing is sampled
-    return -log_prob(params, hidden, targets)
-
-  def log_probs(params: DifferentiatedParams, hidden) -> jax.Array:
-    params, hidden = checked(params, hidden)
-    return all_log_probs(params, hidden)
-
+  loss, log_prob, log_probs = layer_functions(check, target_log_prob, all_log_probs)
   return OutputLayer(init=init, loss=loss, log_prob=log_prob, log_probs=log_probs)

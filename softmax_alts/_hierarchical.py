@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_alts._base import (OutputLayer, RowLoss, check_hidden, check_targets,
-                                nan_where_invalid)
+from softmax_alts._base import (OutputLayer, RowLoss, RowSparse, check_targets, check_where,
+                                layer_functions, param_dtype_of)
+from softmax_alts._lse import accumulation_dtype, common_dtype, logits
 from softmax_alts._trees import Tree, check_tree
 
 
@@ -44,11 +45,12 @@ def _path_log_prob(hidden, vectors, bias_rows, sign) -> jax.Array:
     sign: `[N, D]` the branch signs, 0 past the path's end (those entries add nothing).
 
   Returns:
-    `[N]` sum_d log sigmoid(s_d * (u_{n_d} . h + c_{n_d})).
+    `[N]` sum_d log sigmoid(s_d * (u_{n_d} . h + c_{n_d})), in at least float32.
   """
-  sign = sign.astype(hidden.dtype)
-  scores = jnp.einsum("ndh,nh->nd", vectors, hidden) + bias_rows
-  terms = jnp.where(sign != 0, jax.nn.log_sigmoid(sign * scores), 0)
+  common, dtype = common_dtype(vectors, hidden), accumulation_dtype(vectors, hidden)
+  scores = jnp.einsum("ndh,nh->nd", vectors.astype(common), hidden.astype(common),
+                      preferred_element_type=dtype) + bias_rows.astype(dtype)
+  terms = jnp.where(sign != 0, jax.nn.log_sigmoid(sign.astype(dtype) * scores), 0)
   return jnp.sum(terms, axis=1)
 
 
@@ -110,8 +112,7 @@ def hierarchical(tree: Tree) -> OutputLayer:
   longer longest path. The gradient w.r.t. the `[V-1, H]` node table touches at most N * D
   rows: `sparse_loss_and_grads(layer, params, hidden, targets)` returns it as those rows only
   and `apply_row_update` scatters the step into the table, so a training step need not read or
-  write the whole table (about 3x faster than the dense step at V = 100K, H = 512, N = 1024 on
-  a 2-core CPU). `log_probs` computes the V - 1 node scores once (one `[N, H] x [H, V-1]`
+  write the whole table. `log_probs` computes the V - 1 node scores once (one `[N, H] x [H, V-1]`
   GEMM) and then the log probability of every node top down, one tree level at a time:
   O(N * V * H + N * V).
 
@@ -140,9 +141,11 @@ def hierarchical(tree: Tree) -> OutputLayer:
   signs = np.asarray(tree.signs, np.int8)
   levels, (word_position, word_last_node, word_last_sign) = _levels(tree)
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("dtype",))
-  def init(key, hidden_size: int, vocab_size: int, *, dtype=jnp.float32) -> HierarchicalParams:
+  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
+  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
+           dtype=None) -> HierarchicalParams:
     """Node vectors uniform in +-1/sqrt(H) (as a PyTorch `Linear`), biases zero."""
+    dtype = param_dtype_of(param_dtype, dtype)
     if vocab_size != num_words:
       raise ValueError(f"`vocab_size` must equal the tree's number of words {num_words}; "
                        f"got {vocab_size}.")
@@ -152,69 +155,55 @@ def hierarchical(tree: Tree) -> OutputLayer:
     nodes = jax.random.uniform(key, (num_nodes, hidden_size), dtype, -bound, bound)
     return HierarchicalParams(nodes=nodes, bias=jnp.zeros((num_nodes,), dtype))
 
-  # The computations are jitted once here (the checks stay outside, so that a bad id raises
-  # eagerly); called under an outer `jit`, they are inlined.
-  @jax.jit
-  def path_log_prob(params: HierarchicalParams, hidden, targets) -> jax.Array:
-    valid = (targets >= 0) & (targets < num_words)  # NaN for a bad id under jit
-    targets = jnp.where(valid, targets, 0).astype(jnp.int32)
-    node_ids = jnp.asarray(paths)[targets]                                # [N, D]
-    sign = jnp.asarray(signs)[targets]                                    # [N, D]
-    values = _path_log_prob(hidden, params.nodes[node_ids], params.bias[node_ids], sign)
-    return nan_where_invalid(values, valid)
+  def check(params: HierarchicalParams, hidden) -> int:
+    _check_params(params, hidden, num_nodes)
+    return num_words
 
-  @jax.jit
+  def path_log_prob(params: HierarchicalParams, hidden, targets) -> jax.Array:
+    node_ids = jnp.asarray(paths)[targets]                                # [N, D]
+    return _path_log_prob(hidden, params.nodes[node_ids], params.bias[node_ids],
+                          jnp.asarray(signs)[targets])
+
   def all_log_probs(params: HierarchicalParams, hidden) -> jax.Array:
     num_rows = hidden.shape[0]
+    dtype = accumulation_dtype(hidden, params.nodes)
     if num_words == 1:
-      return jnp.zeros((num_rows, 1), hidden.dtype)
-    scores = hidden @ params.nodes.T + params.bias[None, :]               # [N, V-1]
-    level = jnp.zeros((num_rows, 1), hidden.dtype)                        # the root: log 1
+      return jnp.zeros((num_rows, 1), dtype)
+    scores = logits(hidden, params.nodes, params.bias)                   # [N, V-1]
+    level = jnp.zeros((num_rows, 1), dtype)                               # the root: log 1
     node_log_probs = [level]
     for parent_position, parent, sign in levels:
-      branch = jnp.asarray(sign).astype(hidden.dtype)[None, :] * scores[:, parent]
+      branch = jnp.asarray(sign).astype(dtype)[None, :] * scores[:, parent]
       level = level[:, parent_position] + jax.nn.log_sigmoid(branch)
       node_log_probs.append(level)
     node_log_probs = jnp.concatenate(node_log_probs, axis=1)             # [N, V-1], by depth
-    last_sign = jnp.asarray(word_last_sign).astype(hidden.dtype)[None, :]
+    last_sign = jnp.asarray(word_last_sign).astype(dtype)[None, :]
     return node_log_probs[:, word_position] + jax.nn.log_sigmoid(
         last_sign * scores[:, word_last_node])
 
-  def log_prob(params: HierarchicalParams, hidden, targets) -> jax.Array:
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
-    _check_params(params, hidden, num_nodes)
-    check_targets(targets, num_words, jnp.shape(hidden)[0])  # raises on a bad id outside jit
-    return path_log_prob(params, hidden, jnp.asarray(targets))
+  loss, log_prob, log_probs = layer_functions(check, path_log_prob, all_log_probs)
 
-  def loss(params: HierarchicalParams, hidden, targets, *, key=None) -> jax.Array:
-    del key  # exact: nothing is sampled
-    return -log_prob(params, hidden, targets)
-
-  def row_loss(params: HierarchicalParams, hidden, targets, *, key=None) -> RowLoss:
+  def rows(params: HierarchicalParams, hidden, targets, *, key=None, where=None,
+           negatives=None) -> RowLoss:
     """`loss` as a function of the node rows on the targets' paths (see `_sparse.py`)."""
     del key  # exact: nothing is sampled
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
+    if negatives is not None:
+      raise ValueError("`negatives` are for the sampling losses; the hierarchical softmax "
+                       "samples nothing.")
     _check_params(params, hidden, num_nodes)
-    valid = check_targets(targets, num_words, jnp.shape(hidden)[0])
-    targets = jnp.where(valid, jnp.asarray(targets), 0).astype(jnp.int32)
+    where = check_where(where, hidden.shape[0])
+    valid = check_targets(targets, num_words, hidden.shape[0], where=where)
+    use = valid if where is None else valid & where
+    targets = jnp.where(use, targets, 0).astype(jnp.int32)
     node_ids = jnp.asarray(paths)[targets]                                # [N, D]
     sign = jnp.asarray(signs)[targets]                                    # [N, D]
-    on_path = (sign != 0) & valid[:, None]  # padding and bad targets read no row
+    on_path = (sign != 0) & use[:, None]  # padding, bad and masked targets read no row
 
     def values(hidden, table_rows, bias_rows):
       (vectors,), (bias_rows,) = table_rows, bias_rows
       return -_path_log_prob(hidden, vectors, bias_rows, sign)
 
-    return RowLoss(ids=(node_ids,), keep=(on_path,), values=values, valid=valid)
+    return RowLoss(ids=(node_ids,), keep=(on_path,), values=values, valid=valid, where=where)
 
-  loss.row_loss = row_loss  # Read by `sparse_loss_and_grads`.
-
-  def log_probs(params: HierarchicalParams, hidden) -> jax.Array:
-    check_hidden(hidden)
-    params, hidden = jax.tree.map(jnp.asarray, params), jnp.asarray(hidden)
-    _check_params(params, hidden, num_nodes)
-    return all_log_probs(params, hidden)
-
-  return OutputLayer(init=init, loss=loss, log_prob=log_prob, log_probs=log_probs)
+  return OutputLayer(init=init, loss=loss, log_prob=log_prob, log_probs=log_probs,
+                     row_sparse=RowSparse(loss=loss, rows=rows))

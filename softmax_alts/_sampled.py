@@ -1,8 +1,9 @@
 """Sampled softmax (importance sampling) with the log Q correction, as TensorFlow's.
 
-Also the machinery every sampling loss shares (`sampled`, `nce`, `negative_sampling`): drawing
-the negatives, shared or per example, and writing the loss as a function of the table rows it
-touches (`RowForm`), which the row-sparse training path (`_sparse.py`) differentiates directly.
+Also what every sampling loss shares (`sampled`, `nce`, `negative_sampling`): drawing the
+negatives, shared or per example, or taking them from the caller (`Negatives`), and writing
+the loss as a function of the table rows it touches (`RowLoss`), which is both how `loss`
+computes it and what the row-sparse training path (`_sparse.py`) differentiates.
 """
 
 from typing import Callable, NamedTuple
@@ -10,10 +11,29 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from softmax_alts._base import OutputLayer, check_targets, nan_where_invalid
-from softmax_alts._full import (FullParams, check_chunk_size, check_params, exact_log_prob,
-                                exact_log_probs, init_full_params)
+from softmax_alts._base import (OutputLayer, RowLoss, RowSparse, batch, check_targets,
+                                check_where, finish, layer_functions, unbatch)
+from softmax_alts._full import FullSoftmax, full_softmax, init_full_params
+from softmax_alts._lse import accumulation_dtype, dot
 from softmax_alts._samplers import Sampler, check_num_samples
+
+
+class Negatives(NamedTuple):
+  """Negatives given by the caller instead of drawn by the layer (TensorFlow's
+  `sampled_values`).
+
+  Attributes:
+    ids: `[k]` int ids shared by the batch, or `[N, k]` per example.
+    expected_counts: the expected count of each id among the draws that produced them (`Q`,
+      `k q(v)` with replacement), of the shape of `ids`; None for a loss without the log Q
+      correction (`negative_sampling`, `sampled(..., subtract_log_q=False)`).
+    target_expected_counts: `[N]` the expected count of each target among those draws; None
+      likewise.
+  """
+
+  ids: jax.Array
+  expected_counts: jax.Array | None = None
+  target_expected_counts: jax.Array | None = None
 
 
 def hit_mask_value(dtype) -> jax.Array:
@@ -32,77 +52,17 @@ def hit_mask_value(dtype) -> jax.Array:
 def log_expected_count(counts: jax.Array, dtype) -> jax.Array:
   """`log(max(counts, tiny))` in `dtype`: a zero count (an id the sampler never draws) stays
   finite."""
-  counts = counts.astype(dtype)
+  counts = jnp.asarray(counts).astype(dtype)
   return jnp.log(jnp.maximum(counts, jnp.finfo(dtype).tiny))
 
 
-class RowForm(NamedTuple):
-  """A sampling loss written as a function of the table rows it reads.
-
-  Attributes:
-    sampler: the `Sampler`.
-    num_samples: k.
-    shared: one set of k negatives for the whole batch (True) or k per example (False).
-    draw: `draw(key, targets [N]) -> sample_ids`, `[k]` if shared else `[N, k]`.
-    rows_loss: `rows_loss(hidden [N, H], targets [N], w_t [N, H], b_t [N], sample_ids,
-      w_s [k, H] or [N, k, H], b_s [k] or [N, k]) -> [N]`, with `w_t = w[targets]`,
-      `w_s = w[sample_ids]` and the same for `b`.
-  """
-
-  sampler: Sampler
-  num_samples: int
-  shared: bool
-  draw: Callable[..., jax.Array]
-  rows_loss: Callable[..., jax.Array]
-
-
-def log_q(sampler: Sampler, num_samples: int, targets, sample_ids, subtract_log_q: bool,
-          dtype) -> tuple[jax.Array, jax.Array]:
-  """`(log Q of the targets, log Q of the samples)`: the log expected counts among the k draws
-  that the sampled logits are corrected by, or zeros without the correction."""
-  if not subtract_log_q:
-    return jnp.zeros(targets.shape, dtype), jnp.zeros(sample_ids.shape, dtype)
-  return (log_expected_count(sampler.expected_count(targets, num_samples, targets), dtype),
-          log_expected_count(sampler.expected_count(sample_ids, num_samples, targets), dtype))
-
-
-def make_row_form(token_loss: Callable[..., jax.Array], sampler: Sampler, num_samples: int,
-                  shared: bool, subtract_log_q: bool) -> RowForm:
-  """Builds a `RowForm` from a loss written for ONE token and batched with `jax.vmap`.
-
-  `token_loss(h [H], t [], w_t [H], b_t [], ids [k], w_s [k, H], b_s [k], log_q_t [],
-  log_q_s [k]) -> []`. With shared negatives the vmap over tokens leaves `w_s` unbatched, so the
-  scores are one `[N, H] x [H, k]` GEMM.
-  """
-
-  def draw(key, targets):
-    if shared:
-      return sampler.sample(key, num_samples, targets)
-    keys = jax.random.split(key, targets.shape[0])
-    return jax.vmap(lambda k: sampler.sample(k, num_samples, targets))(keys)
-
-  def rows_loss(hidden, targets, w_t, b_t, sample_ids, w_s, b_s):
-    dtype = hidden.dtype
-    log_q_t, log_q_s = log_q(sampler, num_samples, targets, sample_ids, subtract_log_q, dtype)
-    axis = None if shared else 0
-    batched = jax.vmap(token_loss, in_axes=(0, 0, 0, 0, axis, axis, axis, 0, axis))
-    return batched(hidden, targets, w_t, b_t.astype(dtype), sample_ids, w_s,
-                   b_s.astype(dtype), log_q_t, log_q_s)
-
-  return RowForm(sampler=sampler, num_samples=num_samples, shared=shared, draw=draw,
-                 rows_loss=rows_loss)
-
-
-def check_sampling_inputs(sampler: Sampler, params: FullParams, hidden, targets, key):
-  """Trace-time checks shared by the sampling losses; returns `(valid [N], targets int32)`."""
-  if key is None:
-    raise ValueError("`key` is required by a sampling loss (it draws the negatives); got None.")
-  vocab_size = check_params(params, hidden)
-  if sampler.vocab_size != vocab_size:
-    raise ValueError(f"the sampler's vocab_size must equal V = {vocab_size} (the rows of "
-                     f"`params.w`); got {sampler.vocab_size}.")
-  valid = check_targets(targets, vocab_size, hidden.shape[0])
-  return valid, jnp.asarray(targets).astype(jnp.int32)
+def scores(h_n, w_t, b_t, w_s, b_s, log_q_t, log_q_s):
+  """One token's corrected logits, `(z_t [], z_s [k])` with `z_v = w_v . h + b_v - log Q_v`,
+  accumulated in at least float32."""
+  z_t = dot(w_t, h_n, ((0,), (0,)))
+  z_s = dot(w_s, h_n, ((1,), (0,)))
+  return (z_t + b_t.astype(z_t.dtype) - log_q_t.astype(z_t.dtype),
+          z_s + b_s.astype(z_s.dtype) - log_q_s.astype(z_s.dtype))
 
 
 def check_sampler(sampler) -> Sampler:
@@ -111,31 +71,99 @@ def check_sampler(sampler) -> Sampler:
   return sampler
 
 
-def sampling_layer(row_form: RowForm, chunk_size: int | None) -> OutputLayer:
-  """An `OutputLayer` whose loss is `row_form`'s and whose log-probabilities are exact."""
-
-  def loss(params, hidden, targets, *, key=None):
-    valid, targets = check_sampling_inputs(row_form.sampler, params, hidden, targets, key)
-    sample_ids = row_form.draw(key, targets)
-    values = row_form.rows_loss(hidden, targets, params.w[targets], params.b[targets],
-                                sample_ids, params.w[sample_ids], params.b[sample_ids])
-    return nan_where_invalid(values, valid)
-
-  loss.row_form = row_form  # Read by `sparse_loss_and_grads`.
-
-  def log_prob(params, hidden, targets):
-    return exact_log_prob(params, hidden, targets, chunk_size)
-
-  def log_probs(params, hidden):
-    return exact_log_probs(params, hidden, chunk_size)
-
-  return OutputLayer(init=init_full_params, loss=loss, log_prob=log_prob, log_probs=log_probs)
+def _check_negatives(negatives, num_rows: int, subtract_log_q: bool) -> Negatives:
+  if not isinstance(negatives, Negatives):
+    raise ValueError(f"`negatives` must be a softmax_alts.Negatives; got "
+                     f"{type(negatives).__name__}.")
+  ids = jnp.asarray(negatives.ids)
+  if (jnp.ndim(ids) not in (1, 2) or not jnp.issubdtype(ids.dtype, jnp.integer)
+      or (jnp.ndim(ids) == 2 and jnp.shape(ids)[0] != num_rows)):
+    raise ValueError(f"`negatives.ids` must be int [k] or [N, k] with N = {num_rows}; got "
+                     f"{ids.dtype} of shape {jnp.shape(ids)}.")
+  if subtract_log_q:
+    for name, value, shape in (("expected_counts", negatives.expected_counts, ids.shape),
+                               ("target_expected_counts", negatives.target_expected_counts,
+                                (num_rows,))):
+      if value is None or jnp.shape(value) != shape:
+        raise ValueError(f"`negatives.{name}` must be {list(shape)} (this loss subtracts "
+                         f"log Q); got {None if value is None else jnp.shape(value)}.")
+  return negatives._replace(ids=ids.astype(jnp.int32))
 
 
-def _make_sampled_token_loss(remove_accidental_hits: bool):
-  def token_loss(h_n, t_n, w_t, b_t, ids, w_s, b_s, log_q_t, log_q_s):
-    z_t = jnp.dot(w_t, h_n) + b_t - log_q_t
-    z_s = w_s @ h_n + b_s - log_q_s
+def sampling_layer(token_loss: Callable[..., jax.Array], sampler: Sampler, num_samples: int, *,
+                   shared: bool, subtract_log_q: bool, softmax: FullSoftmax) -> OutputLayer:
+  """An `OutputLayer` over `FullParams` whose loss is `token_loss` on sampled negatives and
+  whose log-probabilities are `softmax`'s, exact.
+
+  `token_loss(h [H], t [], ids [k], z_t [], z_s [k]) -> []` is written for ONE token, from its
+  corrected logits (`scores`), and batched with `jax.vmap`; with shared negatives the vmap
+  leaves the negatives' rows unbatched, so their scores are one `[N, H] x [H, k]` GEMM.
+  """
+  check_num_samples(num_samples)
+  check_sampler(sampler)
+
+  def log_q(ids, counts, dtype):
+    return (log_expected_count(counts, dtype) if subtract_log_q
+            else jnp.zeros(jnp.shape(ids), dtype))
+
+  def rows(params, hidden, targets, *, key=None, where=None, negatives=None) -> RowLoss:
+    vocab_size = softmax.check(params, hidden)
+    num_rows = hidden.shape[0]
+    if sampler.vocab_size != vocab_size:
+      raise ValueError(f"the sampler's vocab_size must equal V = {vocab_size} (the rows of "
+                       f"`params.w`); got {sampler.vocab_size}.")
+    where = check_where(where, num_rows)
+    valid = check_targets(targets, vocab_size, num_rows, where=where)
+    safe = jnp.where(valid if where is None else valid & where, targets, 0).astype(jnp.int32)
+    if negatives is None:
+      if key is None:
+        raise ValueError("`key` is required by a sampling loss (it draws the negatives) unless "
+                         "`negatives` are given; got neither.")
+      if shared:
+        ids = sampler.sample(key, num_samples, safe)
+      else:
+        keys = jax.random.split(key, num_rows)
+        ids = jax.vmap(lambda k: sampler.sample(k, num_samples, safe))(keys)
+      ids = ids.astype(jnp.int32)
+      counts_t = counts_s = None
+      if subtract_log_q:
+        counts_t = sampler.expected_count(safe, num_samples, safe)
+        counts_s = sampler.expected_count(ids, num_samples, safe)
+    else:
+      negatives = _check_negatives(negatives, num_rows, subtract_log_q)
+      ids, counts_s, counts_t = negatives
+    per_example = ids.ndim == 2
+
+    def values(hidden, table_rows, bias_rows):
+      (w_t, w_s), (b_t, b_s) = table_rows, bias_rows
+      dtype = accumulation_dtype(hidden, w_t)
+      log_q_t, log_q_s = log_q(safe, counts_t, dtype), log_q(ids, counts_s, dtype)
+
+      def one(h_n, t_n, w_t, b_t, ids, w_s, b_s, log_q_t, log_q_s):
+        return token_loss(h_n, t_n, ids, *scores(h_n, w_t, b_t, w_s, b_s, log_q_t, log_q_s))
+
+      axis = 0 if per_example else None
+      return jax.vmap(one, in_axes=(0, 0, 0, 0, axis, axis, axis, 0, axis))(
+          hidden, safe, w_t, b_t, ids, w_s, b_s, log_q_t, log_q_s)
+
+    return RowLoss(ids=(safe, ids), keep=(where, None), values=values, valid=valid, where=where)
+
+  def loss(params, hidden, targets, *, key=None, where=None, negatives=None):
+    hidden, targets, where, unbatched = batch(hidden, targets, where)
+    params = jax.tree.map(jnp.asarray, params)
+    form = rows(params, hidden, targets, key=key, where=where, negatives=negatives)
+    table_rows, bias_rows = zip(*(softmax.rows(params, ids) for ids in form.ids))
+    values = form.values(hidden, table_rows, bias_rows)
+    return unbatch(finish(values, form.valid, form.where), unbatched)
+
+  _, log_prob, log_probs = layer_functions(softmax.check, softmax.log_prob, softmax.log_probs)
+  return OutputLayer(init=init_full_params, loss=loss, log_prob=log_prob, log_probs=log_probs,
+                     row_sparse=RowSparse(loss=loss, rows=rows))
+
+
+def _sampled_token_loss(remove_accidental_hits: bool):
+  def token_loss(h_n, t_n, ids, z_t, z_s):
+    del h_n
     if remove_accidental_hits:
       z_s = jnp.where(ids == t_n, hit_mask_value(z_s.dtype), z_s)
     return jax.nn.logsumexp(jnp.concatenate([z_t[None], z_s])) - z_t
@@ -143,8 +171,8 @@ def _make_sampled_token_loss(remove_accidental_hits: bool):
 
 
 def sampled(num_samples: int, sampler: Sampler, *, remove_accidental_hits: bool = True,
-            subtract_log_q: bool = True, shared: bool = True,
-            chunk_size: int | None = None) -> OutputLayer:
+            subtract_log_q: bool = True, shared: bool = True, chunk_size: int | None = None,
+            strategy: str | None = None, mesh=None, axis: str = "model") -> OutputLayer:
   """Sampled softmax (importance sampling) with the log Q correction.
 
   For token n with target t and negatives `s_1..s_k` drawn from the sampler,
@@ -154,9 +182,13 @@ def sampled(num_samples: int, sampler: Sampler, *, remove_accidental_hits: bool 
   among the k draws (`Q`; `k * p_v` with replacement). A negative equal to the target (an
   accidental hit) gets a large finite negative logit (`remove_accidental_hits`), so it adds
   nothing. The negatives are shared by the whole batch by default (one `[N, H] x [H, k]` GEMM
-  on the gathered rows `w[ids]`); `shared=False` draws k per token (`[N, k, H]` rows).
-  The gradient w.r.t. `w` touches only the target and sampled rows; see
-  `sparse_loss_and_grads` for an O(k H) update.
+  on the gathered rows `w[ids]`); `shared=False` draws k per token (`[N, k, H]` rows). The
+  caller may give the negatives and their expected counts instead (`loss(..., negatives=
+  Negatives(ids, expected_counts, target_expected_counts))`, TensorFlow's `sampled_values`;
+  no key is then needed). The gradient w.r.t. `w` touches only the target and sampled rows;
+  see `sparse_loss_and_grads` for an O(k H) update. With `mesh`, the table is split along V
+  (the gathers of the touched rows are partitioned by the compiler) and the exact outputs are
+  `full`'s vocabulary-parallel ones.
 
   Args:
     num_samples: k, the number of negatives (per batch, or per token if not shared).
@@ -164,12 +196,14 @@ def sampled(num_samples: int, sampler: Sampler, *, remove_accidental_hits: bool 
     remove_accidental_hits: mask negatives equal to the row's target.
     subtract_log_q: subtract `log E[count]` from every logit (False: plain sampled softmax).
     shared: share the negatives across the batch.
-    chunk_size: vocabulary block size of the exact `log_prob` / `log_probs` (see `full`).
+    chunk_size, strategy, mesh, axis: options of the exact `log_prob` / `log_probs` (see
+      `full`).
 
   Returns:
     An `OutputLayer` over `FullParams(w [V, H], b [V])`:
-    `loss(params, hidden [N, H], targets [N], *, key) -> [N]` (`key` required), and the exact
-    full-softmax `log_prob -> [N]` and `log_probs -> [N, V]`.
+    `loss(params, hidden [N, H], targets [N], *, key=None, where=None, negatives=None) -> [N]`
+    (a `key` or `negatives` required), and the exact full-softmax `log_prob -> [N]` and
+    `log_probs -> [N, V]`; `row_sparse` set.
 
   References:
     Bengio and Senecal, "Adaptive Importance Sampling to Accelerate Training of a Neural
@@ -177,9 +211,7 @@ def sampled(num_samples: int, sampler: Sampler, *, remove_accidental_hits: bool 
     Jean, Cho, Memisevic and Bengio, "On Using Very Large Target Vocabulary for Neural Machine
     Translation", 2015. https://arxiv.org/abs/1412.2007
   """
-  check_num_samples(num_samples)
-  check_sampler(sampler)
-  check_chunk_size(chunk_size)
-  row_form = make_row_form(_make_sampled_token_loss(remove_accidental_hits), sampler,
-                           num_samples, shared, subtract_log_q)
-  return sampling_layer(row_form, chunk_size)
+  return sampling_layer(_sampled_token_loss(remove_accidental_hits), sampler, num_samples,
+                        shared=shared, subtract_log_q=subtract_log_q,
+                        softmax=full_softmax(chunk_size=chunk_size, strategy=strategy,
+                                             mesh=mesh, axis=axis))

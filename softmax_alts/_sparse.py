@@ -18,12 +18,8 @@ def step(params, hidden, targets, key):
 
 `hidden_grad` is the cotangent to feed back into the network that produced `hidden` (e.g. with
 `jax.vjp`). The same code serves `FullParams(w, b)` (the sampling losses) and
-`HierarchicalParams(nodes, bias)` (`hierarchical`, whose `key` may be None). On a 2-core CPU
-with V = 100K, H = 512, N = 1024 and k = 1024 shared negatives, the sampled step took about
-30 ms against about 95 ms for the same loss with the dense `[V, H]` gradient and SGD (and about
-2.5 s for a full-softmax step). With a Huffman tree (depth 20) the hierarchical step took about
-52 ms against about 158 ms dense and about 3 s for the full softmax (interleaved, on a loaded
-machine: about 58x the full softmax, against 19x for the dense step).
+`HierarchicalParams(nodes, bias)` (`hierarchical`, whose `key` may be None). A layer says that it
+has this form with its `row_sparse` field (`OutputLayer.row_sparse`), the only thing read here.
 
 For optax optimizers, `row_wise(tx)` applies any element-wise optax transformation
 (sgd, adagrad, adam, ...) to the touched rows only, "lazily" in the manner of TensorFlow's
@@ -36,10 +32,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softmax_alts._base import OutputLayer, RowLoss, nan_where_invalid
+from softmax_alts._base import OutputLayer, RowLoss, finish
 from softmax_alts._full import FullParams
 from softmax_alts._hierarchical import HierarchicalParams
-from softmax_alts._sampled import RowForm, check_sampling_inputs
 
 
 class RowGrad(NamedTuple):
@@ -72,24 +67,13 @@ def _table(params, name: str = "params"):
   return params[0], params[1]
 
 
-def _sampling_row_loss(row_form: RowForm, params, hidden, targets, key) -> RowLoss:
-  """The `RowLoss` of a sampling loss: target rows, then the sampled rows."""
-  valid, targets = check_sampling_inputs(row_form.sampler, params, hidden, targets, key)
-  sample_ids = row_form.draw(key, targets).astype(jnp.int32)
-
-  def values(hidden, table_rows, bias_rows):
-    (w_t, w_s), (b_t, b_s) = table_rows, bias_rows
-    return row_form.rows_loss(hidden, targets, w_t, b_t, sample_ids, w_s, b_s)
-
-  return RowLoss(ids=(targets, sample_ids), keep=(None, None), values=values, valid=valid)
-
-
 def has_row_sparse_path(layer: OutputLayer) -> bool:
   """Whether `sparse_loss_and_grads` (and so `row_wise`) can train `layer` row-sparsely.
 
-  True for the layers whose loss reads only some rows of a table: those made by `sampled`,
-  `nce`, `negative_sampling` (and their `vocab_parallel_*` forms) and by `hierarchical`; False
-  for the others (`full`, `class_based`, `adaptive`, ...), whose gradient is dense.
+  True for the layers whose `row_sparse` field holds the form of their current `loss`: those
+  made by `sampled`, `nce`, `negative_sampling` and `hierarchical` (with or without a mesh);
+  False for the others (`full`, `class_based`, `adaptive`, ...), whose gradient is dense, and
+  for a layer whose `loss` was replaced without replacing `row_sparse` (train it densely).
 
   Args:
     layer: an `OutputLayer`.
@@ -97,30 +81,30 @@ def has_row_sparse_path(layer: OutputLayer) -> bool:
   Returns:
     A Python bool, known without params or data (for choosing a training step).
   """
-  loss = getattr(layer, "loss", None)
-  return (getattr(loss, "row_form", None) is not None
-          or getattr(loss, "row_loss", None) is not None)
+  form = layer.row_sparse
+  return form is not None and form.loss is layer.loss
 
 
-def _row_loss(layer, params, hidden, targets, key) -> RowLoss:
+def _row_loss(layer: OutputLayer, params, hidden, targets, key, where, negatives) -> RowLoss:
   """The layer's loss as a function of the rows it reads, or `ValueError` if it has none."""
-  loss = getattr(layer, "loss", None)
-  row_form = getattr(loss, "row_form", None)
-  if row_form is not None:
-    _table(params)
-    return _sampling_row_loss(row_form, params, hidden, targets, key)
-  row_loss = getattr(loss, "row_loss", None)
-  if row_loss is not None:
-    _table(params)
-    return row_loss(params, hidden, targets, key=key)
-  raise ValueError("`layer` must be an OutputLayer made by hierarchical or by sampled, nce or "
-                   "negative_sampling (the losses whose gradient touches only some rows); got "
-                   f"{type(layer).__name__} without a row-sparse path (e.g. full, class_based, "
-                   "adaptive).")
+  form = layer.row_sparse
+  if form is None:
+    raise ValueError("`layer` must be an OutputLayer made by hierarchical or by sampled, nce or "
+                     "negative_sampling (the losses whose gradient touches only some rows: their "
+                     "`row_sparse` form); got one without a row-sparse path (e.g. full, "
+                     "class_based, adaptive): train it with jax.grad.")
+  if form.loss is not layer.loss:
+    raise ValueError("`layer.loss` is not the loss that `layer.row_sparse` is the form of (it "
+                     "was replaced, e.g. wrapped): training row-sparsely would train the old "
+                     "loss. Replace `row_sparse` along with `loss`, or set it to None and train "
+                     "with jax.grad.")
+  _table(params)
+  return form.rows(params, hidden, targets, key=key, where=where, negatives=negatives)
 
 
 def sparse_loss_and_grads(layer: OutputLayer, params, hidden: jax.Array, targets: jax.Array, *,
-                          key: jax.Array | None = None, weights: jax.Array | None = None):
+                          key: jax.Array | None = None, weights: jax.Array | None = None,
+                          where: jax.Array | None = None, negatives=None):
   """The loss and its gradients, with the table's gradient as touched rows only.
 
   Differentiates `J = sum_n weights_n * loss_n` (`weights` defaults to `1 / N`: the mean) with
@@ -140,6 +124,9 @@ def sparse_loss_and_grads(layer: OutputLayer, params, hidden: jax.Array, targets
     key: a `jax.random.key` for the negatives (required by the sampling losses; `hierarchical`
       ignores it).
     weights: optional `[N]` per-token weights of the objective (e.g. a padding mask / count).
+    where: optional `[N]` bool mask: a masked row gives loss 0 and touches no row, whatever its
+      id.
+    negatives: the sampling losses' given negatives (`Negatives`), instead of `key`.
 
   Returns:
     `(loss [N], hidden_grad [N, H], row_grad)`: the per-token losses, `dJ/dhidden`, and a
@@ -149,7 +136,8 @@ def sparse_loss_and_grads(layer: OutputLayer, params, hidden: jax.Array, targets
     of a target outside `[0, V)`) has id V-1, outside the table, and zero rows: it touches
     nothing.
   """
-  form = _row_loss(layer, params, hidden, targets, key)
+  hidden, targets = jnp.asarray(hidden), jnp.asarray(targets)
+  form = _row_loss(layer, params, hidden, targets, key, where, negatives)
   table, bias = _table(params)
   num_table_rows, hidden_size = table.shape
   num_rows = hidden.shape[0]
@@ -160,7 +148,7 @@ def sparse_loss_and_grads(layer: OutputLayer, params, hidden: jax.Array, targets
                      f"{jnp.shape(weights)}.")
 
   def objective(hidden, table_rows, bias_rows):
-    values = nan_where_invalid(form.values(hidden, table_rows, bias_rows), form.valid)
+    values = finish(form.values(hidden, table_rows, bias_rows), form.valid, form.where)
     return jnp.sum(weights.astype(values.dtype) * values), values
 
   table_rows = tuple(table[ids] for ids in form.ids)

@@ -1,6 +1,7 @@
 """Run by `test_parallel.py` in a subprocess with 8 simulated CPU devices (the XLA flag is set
-by the caller): every vocabulary-parallel layer against its unsharded counterpart on meshes 4x2
-and 2x4 (data x model), and on 8x1 (data only), where the factory gives the unsharded layer.
+by the caller): every layer made with a mesh against the same layer without one, on meshes 4x2
+and 2x4 (data x model), with both strategies where the layer has them, and on 8x1 (data only),
+where the model axis has size 1.
 Prints one JSON object: per (method, mesh), the largest differences of the loss, its gradients,
 `log_prob` and `log_probs`, and the shardings seen."""
 
@@ -25,25 +26,30 @@ K = 12
 
 
 def methods(mesh):
-  """name -> (unsharded layer, vocabulary-parallel layer)."""
+  """name -> (layer without a mesh, layer with `mesh`)."""
   counts = np.arange(V, 0, -1).astype(np.float64)
   unigram, log_uniform = softmax_alts.unigram(counts), softmax_alts.log_uniform(V)
   in_batch = softmax_alts.in_batch(V)
-  kw = {"mesh": mesh, "axis": "model"}
-  return {
-      "full": (softmax_alts.full(), softmax_alts.vocab_parallel_full(**kw)),
-      "self_normalized": (softmax_alts.self_normalized(0.1),
-                          softmax_alts.vocab_parallel_self_normalized(0.1, **kw)),
-      "sampled": (softmax_alts.sampled(K, log_uniform),
-                  softmax_alts.vocab_parallel_sampled(K, log_uniform, **kw)),
-      "nce (per-example, in-batch)": (
-          softmax_alts.nce(K, in_batch, shared=False),
-          softmax_alts.vocab_parallel_nce(K, in_batch, shared=False, **kw)),
-      "negative_sampling": (softmax_alts.negative_sampling(K, unigram),
-                            softmax_alts.vocab_parallel_negative_sampling(K, unigram, **kw)),
-      "adaptive": (softmax_alts.adaptive(CUTOFFS),
-                   softmax_alts.vocab_parallel_adaptive(CUTOFFS, **kw)),
+  bands = ((16, 8), (48, 8))
+  makers = {
+      "full": lambda **kw: softmax_alts.full(**kw),
+      "full (materialize)": lambda **kw: softmax_alts.full(strategy="materialize", **kw),
+      "full (chunked)": lambda **kw: softmax_alts.full(chunk_size=12, **kw),
+      "self_normalized": lambda **kw: softmax_alts.self_normalized(0.1, **kw),
+      "sampled": lambda **kw: softmax_alts.sampled(K, log_uniform, **kw),
+      "nce (per-example, in-batch)": lambda **kw: softmax_alts.nce(K, in_batch, shared=False,
+                                                                   **kw),
+      "negative_sampling": lambda **kw: softmax_alts.negative_sampling(K, unigram, **kw),
+      "class_based": lambda **kw: softmax_alts.class_based(counts, 8, block_rows=8, **kw),
+      "class_based (materialize)": lambda **kw: softmax_alts.class_based(
+          counts, 8, strategy="materialize", **kw),
+      "differentiated": lambda **kw: softmax_alts.differentiated(counts, bands, block_rows=8,
+                                                                 **kw),
+      "adaptive": lambda **kw: softmax_alts.adaptive(CUTOFFS, block_rows=8, tile_rows=4, **kw),
+      "adaptive (materialize)": lambda **kw: softmax_alts.adaptive(
+          CUTOFFS, strategy="materialize", **kw),
   }
+  return {name: (make(), make(mesh=mesh, axis="model")) for name, make in makers.items()}
 
 
 def evaluate(layer, params, hidden, targets, key):
@@ -86,6 +92,8 @@ def main():
         params[name] = plain.init(jax.random.key(2), H, V)
         if isinstance(params[name], softmax_alts.FullParams):
           params[name] = params[name]._replace(b=bias)
+        if isinstance(params[name], softmax_alts.ClassBasedParams):
+          params[name] = params[name]._replace(word_bias=bias)
       plain_layers = {name: plain for name, (plain, _) in pairs.items()}
       reference = jax.jit(lambda p, h, t, k: evaluate_all(plain_layers, p, h, t, k))(
           params, hidden, targets, key)
@@ -114,7 +122,7 @@ def main():
   # A model axis of size 1 (mesh 8x1): the factories give the unsharded layer, run here on
   # hidden vectors split over the 8 devices of the data axis.
   mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-  layer = softmax_alts.vocab_parallel_full(mesh=mesh)
+  layer = softmax_alts.full(mesh=mesh)
   split = jax.device_put(hidden, NamedSharding(mesh, P("data", None)))
   results["8x1 log_probs"] = max_diff(jax.jit(layer.log_probs)(params["full"], split),
                                       reference["full"]["log_probs"])

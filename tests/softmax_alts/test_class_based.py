@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import softmax_alts
-import softmax_alts._class_based as class_based_module
+from softmax_alts import _lse
 
 
 def _zipf(vocab_size):
@@ -105,7 +105,7 @@ def test_loss_only_touches_the_target_class(key):
   """Nothing of size N * V (all logits) or N * M * H (every row's class padded to the largest,
   M words, and gathered) is built: the loss works in `[B, T]` pairs of class-sorted rows."""
   vocab_size, num_rows, hidden_size = 2000, 64, 32
-  layer = softmax_alts.class_based(np.ones(vocab_size), 40)  # 40 classes of 50 words
+  layer = softmax_alts.class_based(np.ones(vocab_size), 40, strategy="stream")  # 40 of 50 words
   params, hidden, targets = _inputs(key, layer, num_rows, hidden_size, vocab_size)
   for fn in (lambda p, h: layer.loss(p, h, targets),
              jax.grad(lambda p, h: jnp.sum(layer.loss(p, h, targets)), argnums=1)):
@@ -141,13 +141,12 @@ def _reference_grads(params, hidden, targets, bounds):
 
 
 @pytest.mark.parametrize("tile,block", [(1, 16), (3, 7), (8, 128), (64, 5)])
-def test_tiles_and_blocks_of_any_size(key, monkeypatch, tile, block):
+def test_tiles_and_blocks_of_any_size(key, tile, block):
   """Values and gradients equal a dense float64 reference whatever the tiling: tiles that span
   many classes, blocks that cut classes, a last block clamped to the end of the table."""
   counts = _zipf(300)
-  monkeypatch.setattr(class_based_module, "TILE_ROWS", tile)
-  monkeypatch.setattr(class_based_module, "BLOCK_WORDS", block)
-  layer = softmax_alts.class_based(counts, 17)
+  layer = softmax_alts.class_based(counts, 17, tile_rows=tile, block_rows=block,
+                                   strategy="stream")
   params, hidden, targets = _inputs(key, layer, 37, 8, 300)
   value, grads = jax.value_and_grad(
       lambda p, h: jnp.sum(jnp.linspace(0.5, 1.5, 37) * -layer.loss(p, h, targets)),
@@ -163,23 +162,22 @@ def test_tiles_and_blocks_of_any_size(key, monkeypatch, tile, block):
 
 
 @pytest.mark.parametrize("num_classes,tile,block", [(1, 4, 32), (3, 2, 16)])
-def test_pairs_beyond_the_kept_logits(key, monkeypatch, num_classes, tile, block):
+def test_pairs_beyond_the_kept_logits(key, num_classes, tile, block):
   """Where many rows share large classes, the pairs outnumber the logits kept for the backward
   pass, which recomputes the rest: values and gradients still equal the float64 reference
   (one class or a few, classes of many blocks, V = 300 not a multiple of the block)."""
   counts = np.ones(300)  # equal counts: classes of 300 / C words
-  monkeypatch.setattr(class_based_module, "TILE_ROWS", tile)
-  monkeypatch.setattr(class_based_module, "BLOCK_WORDS", block)
-  layer = softmax_alts.class_based(counts, num_classes)
+  layer = softmax_alts.class_based(counts, num_classes, tile_rows=tile, block_rows=block,
+                                   strategy="stream")
   params, hidden, targets = _inputs(key, layer, 37, 8, 300)
   bounds = softmax_alts.frequency_classes(counts, num_classes)
   lo = np.sort(bounds[np.searchsorted(bounds, np.asarray(targets), side="right") - 1])
   hi = bounds[np.searchsorted(bounds, lo, side="right")]
   fill = np.full(tile, 300)
-  pairs = class_based_module._pairs(jnp.asarray(np.concatenate([lo, fill]), jnp.int32),
-                                    jnp.asarray(np.concatenate([hi, fill]), jnp.int32),
-                                    tile, block, 300, 37, 300 // block + 1)
-  assert int(pairs.count) > class_based_module._capacity(pairs, tile, block, 300, 37)
+  pairs = _lse._pairs(jnp.asarray(np.concatenate([lo, fill]), jnp.int32),
+                      jnp.asarray(np.concatenate([hi, fill]), jnp.int32),
+                      tile, block, 300, 37, 300 // num_classes)
+  assert int(pairs.count) > _lse._capacity(pairs, tile, block, 300, 37)
   weights = np.linspace(0.5, 1.5, 37)
   value, grads = jax.value_and_grad(
       lambda p, h: jnp.sum(weights * -layer.loss(p, h, targets)), argnums=(0, 1))(params, hidden)
