@@ -34,7 +34,6 @@ def methods(mesh):
   makers = {
       "full": lambda **kw: softmax_alts.full(**kw),
       "full (materialize)": lambda **kw: softmax_alts.full(strategy="materialize", **kw),
-      "full (chunked)": lambda **kw: softmax_alts.full(chunk_size=12, **kw),
       "self_normalized": lambda **kw: softmax_alts.self_normalized(0.1, **kw),
       "sampled": lambda **kw: softmax_alts.sampled(K, log_uniform, **kw),
       "nce (per-example, in-batch)": lambda **kw: softmax_alts.nce(K, in_batch, shared=False,
@@ -46,8 +45,6 @@ def methods(mesh):
       "differentiated": lambda **kw: softmax_alts.differentiated(counts, bands, block_rows=8,
                                                                  **kw),
       "adaptive": lambda **kw: softmax_alts.adaptive(CUTOFFS, block_rows=8, tile_rows=4, **kw),
-      "adaptive (materialize)": lambda **kw: softmax_alts.adaptive(
-          CUTOFFS, strategy="materialize", **kw),
   }
   return {name: (make(), make(mesh=mesh, axis="model")) for name, make in makers.items()}
 

@@ -1,11 +1,9 @@
 """Tests of sampled softmax, NCE and negative sampling against the published formulas."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 import softmax_alts
 from tests.softmax_alts._util import full_inputs
@@ -76,6 +74,39 @@ def test_sampled_matches_transcription(key):
   np.testing.assert_allclose(
       jax.jit(plain.loss)(params, hidden, targets, key=key),
       _np_sampled(params, hidden, targets, IDS, np.zeros(VOCAB)), rtol=1e-5, atol=1e-6)
+
+
+def test_given_negatives_match_the_transcription(key):
+  """The caller's negatives and expected counts (TensorFlow's `sampled_values`) replace the
+  draw: any ids, any counts, no key; the row-sparse path takes them too."""
+  params, hidden, targets = _inputs(key, 7, 5, VOCAB)
+  targets = targets.at[0].set(17)
+  rng = np.random.default_rng(3)
+  counts = rng.uniform(0.1, 2.0, VOCAB)  # some proposal's expected counts, one per id
+  negatives = softmax_alts.Negatives(jnp.asarray(IDS), jnp.asarray(counts[IDS], jnp.float32),
+                                     jnp.asarray(counts[np.asarray(targets)], jnp.float32))
+  layer = softmax_alts.sampled(3, softmax_alts.uniform(VOCAB))  # k and sampler unused here
+  expected = _np_sampled(params, hidden, targets, IDS, np.log(counts))
+  np.testing.assert_allclose(jax.jit(lambda *a: layer.loss(*a, negatives=negatives))(
+      params, hidden, targets), expected, rtol=1e-5, atol=1e-6)
+  loss, _, rows = softmax_alts.sparse_loss_and_grads(layer, params, hidden, targets,
+                                                     negatives=negatives)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(rows.ids, np.concatenate([targets, IDS]))
+  # Per example, and without counts where the loss has no log Q correction.
+  per_example = jnp.asarray(rng.integers(0, VOCAB, (7, 4)), jnp.int32)
+  ns = softmax_alts.negative_sampling(4, softmax_alts.uniform(VOCAB))
+  got = ns.loss(params, hidden, targets, negatives=softmax_alts.Negatives(per_example))
+  for n in range(7):
+    np.testing.assert_allclose(got[n], _np_nce(params, hidden[n:n + 1], targets[n:n + 1],
+                                               list(np.asarray(per_example[n])),
+                                               np.zeros(VOCAB))[0], rtol=1e-5)
+  with pytest.raises(ValueError, match="negatives.expected_counts.*log Q"):
+    layer.loss(params, hidden, targets, negatives=softmax_alts.Negatives(jnp.asarray(IDS)))
+  with pytest.raises(ValueError, match="negatives.ids.*N = 7"):
+    ns.loss(params, hidden, targets, negatives=softmax_alts.Negatives(per_example[:3]))
+  with pytest.raises(ValueError, match="negatives.*Negatives"):
+    ns.loss(params, hidden, targets, negatives=IDS)
 
 
 @pytest.mark.parametrize("remove", [False, True])
@@ -173,39 +204,6 @@ def test_accidental_hit_contributes_nothing(key, make):
   assert np.all(np.isfinite(grads.w)) and np.all(np.isfinite(grads.b))
 
 
-LAYERS = {  # Every method; shared and per-example negatives; a vocabulary and an in-batch sampler.
-    "sampled": lambda s: softmax_alts.sampled(4, s),
-    "nce_per_example": lambda s: softmax_alts.nce(4, s, shared=False),
-    "negative_sampling_in_batch": lambda s: softmax_alts.negative_sampling(
-        4, softmax_alts.in_batch(s.vocab_size)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_check_grads_float64(key, name):
-  with jax.enable_x64(True):
-    params, hidden, targets = _inputs(key, 5, 3, 12, dtype=jnp.float64)
-    layer = LAYERS[name](softmax_alts.log_uniform(12))
-    check_grads(jax.jit(lambda p, h: layer.loss(p, h, targets, key=key)), (params, hidden),
-                order=1, modes=("rev",))
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_jit_equals_eager_and_vmap_equals_batched(key, name):
-  params, hidden, targets = _inputs(key, 6, 4, 15)
-  layer = LAYERS[name](softmax_alts.unigram(np.arange(15, 0, -1).astype(np.float64)))
-  jitted = jax.jit(layer.loss)(params, hidden, targets, key=key)
-  chex.assert_shape(jitted, (6,))
-  assert np.all(np.isfinite(jitted))
-  if "per_example" not in name:  # Eager dispatch of the vmapped sampler is slow to compile.
-    np.testing.assert_allclose(layer.loss(params, hidden, targets, key=key), jitted, rtol=1e-6)
-  hidden_b, targets_b = jnp.stack([hidden, hidden[::-1]]), jnp.stack([targets, targets[::-1]])
-  batched = jax.jit(jax.vmap(lambda h, t: layer.loss(params, h, t, key=key)))(hidden_b, targets_b)
-  np.testing.assert_allclose(batched[0], jitted, rtol=1e-5)
-  np.testing.assert_allclose(
-      batched[1], jax.jit(layer.loss)(params, hidden[::-1], targets[::-1], key=key), rtol=1e-5)
-
-
 def test_trained_with_sampling_is_evaluated_by_full(key):
   """A model trained with sampled softmax lowers the exact NLL that `full()` reports."""
   vocab_size = 60
@@ -232,7 +230,7 @@ def test_bad_inputs(key):
   sampler = softmax_alts.uniform(10)
   for make in (softmax_alts.sampled, softmax_alts.nce, softmax_alts.negative_sampling):
     layer = make(3, sampler)
-    with pytest.raises(ValueError, match="key.*required"):
+    with pytest.raises(ValueError, match="key.*required.*unless `negatives`"):
       layer.loss(params, hidden, targets)
     with pytest.raises(ValueError, match="id 10.*vocab_size = 10"):
       layer.loss(params, hidden, targets.at[1].set(10), key=key)

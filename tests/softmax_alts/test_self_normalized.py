@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 import softmax_alts
 from tests.softmax_alts._util import full_inputs
@@ -69,15 +68,6 @@ def test_chunked_gradient_equals_unchunked(key, chunk_size):
 
   chex.assert_trees_all_close(grads(softmax_alts.self_normalized(0.5, chunk_size=chunk_size)),
                               grads(softmax_alts.self_normalized(0.5)), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("chunk_size", [None, 4])
-def test_check_grads_float64(key, chunk_size):
-  with jax.enable_x64(True):
-    params, hidden, targets = _inputs(key, 3, 4, 9, dtype=jnp.float64)
-    layer = softmax_alts.self_normalized(0.2, chunk_size=chunk_size)
-    check_grads(jax.jit(lambda p, h: layer.loss(p, h, targets)), (params, hidden), order=1,
-                modes=("rev",))
 
 
 def test_jit_equals_eager_and_vmap_equals_batched(key):

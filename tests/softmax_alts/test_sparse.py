@@ -257,3 +257,34 @@ def test_row_wise_with_distinct_ids_skips_the_merge(key):
   # Without the merge, repeated ids would not add up: the promise is what makes it exact.
   changed = softmax_alts.apply_row_updates(params, unmerged)
   assert not np.allclose(changed.w[1], softmax_alts.apply_row_updates(params, want_updates).w[1])
+
+
+def test_a_replaced_loss_is_never_trained_by_the_old_row_form(key):
+  """The row-sparse form is a field: a layer whose `loss` was wrapped (here to scale it) keeps
+  a `row_sparse` that describes the old loss, so it is refused rather than silently trained;
+  replacing the field along with the loss, or dropping it, says what to train."""
+  import functools
+  layer = LAYERS["sampled"]()
+  params, hidden, targets = _inputs(key, 6, 4, VOCAB)
+
+  @functools.wraps(layer.loss)
+  def half_loss(*args, **kwargs):
+    return 0.5 * layer.loss(*args, **kwargs)
+
+  wrapped = layer._replace(loss=half_loss)
+  assert not softmax_alts.has_row_sparse_path(wrapped)
+  with pytest.raises(ValueError, match="layer.loss.*replaced.*row_sparse"):
+    softmax_alts.sparse_loss_and_grads(wrapped, params, hidden, targets, key=key)
+  assert not softmax_alts.has_row_sparse_path(layer._replace(loss=half_loss, row_sparse=None))
+  # A row form of the new loss, given with it, is what gets trained.
+  rows = layer.row_sparse.rows
+
+  def half_rows(*args, **kwargs):
+    form = rows(*args, **kwargs)
+    return form._replace(values=lambda *a: 0.5 * form.values(*a))
+
+  both = layer._replace(loss=half_loss,
+                        row_sparse=softmax_alts.RowSparse(loss=half_loss, rows=half_rows))
+  assert softmax_alts.has_row_sparse_path(both)
+  loss, _, _ = softmax_alts.sparse_loss_and_grads(both, params, hidden, targets, key=key)
+  np.testing.assert_allclose(loss, half_loss(params, hidden, targets, key=key), rtol=1e-6)
