@@ -110,6 +110,27 @@ class Method:
   build: Callable[[Any, int, np.ndarray], Any]
   needs: tuple[str, ...]
   step: str = "dense"    # "dense": value_and_grad + SGD; "sparse": softmax_alts' row-sparse path
+  dtype: str = "float32"  # of the params and the hidden vectors
+
+
+def _bfloat16(method: Method) -> Method:
+  """The same method with bfloat16 params and hidden vectors (float32 losses)."""
+  return dataclasses.replace(
+      method, name=method.name[:-1] + ", bfloat16)" if method.name.endswith(")")
+      else method.name + " (bfloat16)", dtype="bfloat16",
+      settings=lambda V, f=method.settings: f(V) + "; bfloat16 params and hidden")
+
+
+def _full_strategy(strategy: str) -> Method:
+  """The full softmax with an explicit strategy; skipped where it is the default (`full`)."""
+
+  def build(sa, V, counts):
+    if sa.default_strategy(N, V) == strategy:
+      return None
+    return sa.full(strategy=strategy)
+
+  return Method(f"full ({strategy})", lambda V: f"strategy={strategy!r}", build,
+                ("full", "default_strategy"))
 
 
 def _sampling(kind: str, step: str = "dense") -> Method:
@@ -146,29 +167,47 @@ def _hierarchical(tree: str, step: str = "dense") -> Method:
                 settings, build, needs, step)
 
 
+_FULL = Method("full", lambda V: "the default strategy (`softmax_alts.default_strategy`)",
+               lambda sa, V, c: sa.full(), ("full",))
+_CLASS_BASED = Method(
+    "class_based", lambda V: f"{round(math.sqrt(V))} frequency-binned classes",
+    lambda sa, V, c: sa.class_based(c, round(math.sqrt(V))), ("class_based",))
+_DIFFERENTIATED = Method(
+    "differentiated", lambda V: f"bands (words, dim) {list(bands(V))}",
+    lambda sa, V, c: sa.differentiated(c, bands(V)), ("differentiated",))
+_ADAPTIVE = Method(
+    "adaptive", lambda V: f"cutoffs {cutoffs(V)}, div_value {DIV_VALUE}",
+    lambda sa, V, c: sa.adaptive(cutoffs(V), div_value=DIV_VALUE), ("adaptive",))
+
 METHODS: tuple[Method, ...] = (
-    Method("full", lambda V: "one [N, V] logits matrix",
-           lambda sa, V, c: sa.full(), ("full",)),
+    _FULL,
+    _full_strategy("stream"),
+    _full_strategy("materialize"),
     Method("full (chunked)", lambda V: f"chunk_size={min(FULL_CHUNK, V)}",
            lambda sa, V, c: sa.full(chunk_size=min(FULL_CHUNK, V)), ("full",)),
     _hierarchical("balanced"),
     _hierarchical("balanced", "sparse"),
     _hierarchical("huffman"),
     _hierarchical("huffman", "sparse"),
-    Method("class_based", lambda V: f"{round(math.sqrt(V))} frequency-binned classes",
-           lambda sa, V, c: sa.class_based(c, round(math.sqrt(V))), ("class_based",)),
-    Method("differentiated", lambda V: f"bands (words, dim) {list(bands(V))}",
-           lambda sa, V, c: sa.differentiated(c, bands(V)), ("differentiated",)),
+    _CLASS_BASED,
+    _DIFFERENTIATED,
     _sampling("sampled"),
     _sampling("sampled", "sparse"),
     _sampling("nce"),
     _sampling("nce", "sparse"),
     _sampling("negative_sampling"),
     _sampling("negative_sampling", "sparse"),
-    Method("adaptive", lambda V: f"cutoffs {cutoffs(V)}, div_value {DIV_VALUE}",
-           lambda sa, V, c: sa.adaptive(cutoffs(V), div_value=DIV_VALUE), ("adaptive",)),
+    _ADAPTIVE,
+    Method("adaptive (stream)", lambda V: f"cutoffs {cutoffs(V)}; strategy='stream'",
+           lambda sa, V, c: sa.adaptive(cutoffs(V), div_value=DIV_VALUE, strategy="stream"),
+           ("adaptive",)),
+    Method("adaptive (materialize)", lambda V: f"cutoffs {cutoffs(V)}; strategy='materialize'",
+           lambda sa, V, c: sa.adaptive(cutoffs(V), div_value=DIV_VALUE,
+                                        strategy="materialize"), ("adaptive",)),
     Method("self_normalized", lambda V: f"alpha={SELF_NORMALIZED_ALPHA}",
            lambda sa, V, c: sa.self_normalized(SELF_NORMALIZED_ALPHA), ("self_normalized",)),
+    *(_bfloat16(m) for m in (_FULL, _CLASS_BASED, _DIFFERENTIATED, _ADAPTIVE,
+                             _sampling("sampled", "sparse"))),
 )
 
 
@@ -182,9 +221,10 @@ def _build(method: Method, V: int, counts: np.ndarray):
   if missing:
     return None, f"not in softmax_alts yet ({', '.join(missing)})"
   try:
-    return method.build(sa, V, counts), None
+    layer = method.build(sa, V, counts)
   except AttributeError as e:
     return None, f"not available: {e}"
+  return (layer, None) if layer is not None else (None, "the default strategy here: see `full`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,13 +279,19 @@ def eval_fn(layer):
   return lambda params, hidden, targets: layer.log_prob(params, hidden, targets)
 
 
-def _shapes(layer, V: int):
+def _init(layer, V: int, dtype: str, key):
+  """The layer's params, in `dtype` (float32 keeps the layer's own default)."""
+  return layer.init(key, H, V) if dtype == "float32" else layer.init(key, H, V,
+                                                                       param_dtype=dtype)
+
+
+def _shapes(layer, V: int, dtype: str = "float32"):
   """Param shapes without allocating them (falls back to a real init if `init` is not traceable)."""
   key = jax.random.key(0)
   try:
-    return jax.eval_shape(lambda k: layer.init(k, H, V), key)
+    return jax.eval_shape(lambda k: _init(layer, V, dtype, k), key)
   except Exception:  # an init doing host-side work on the key: build it once, keep its shapes
-    params = layer.init(key, H, V)
+    params = _init(layer, V, dtype, key)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
 
 
@@ -397,6 +443,7 @@ class Variant:
   settings: str
   kind: str                       # "jax" or "torch"
   step: str = "dense"             # "dense" or "sparse" (the training step's form)
+  dtype: str = "float32"          # of the params and the hidden vectors
   layer: Any = None
   skipped: str | None = None
   train: h.Compiled | None = None
@@ -448,6 +495,7 @@ def _vocab(ctx: h.Context, bar, V: int, repeats: int, warmup: int, rss: bool) ->
   import psutil
   hidden_np, targets_np, counts = inputs(V, N, ctx.seed)
   hidden, targets = jnp.asarray(hidden_np), jnp.asarray(targets_np)
+  hidden_of = {"float32": hidden, "bfloat16": hidden.astype(jnp.bfloat16)}
   key_shape = jax.eval_shape(lambda: jax.random.key(ctx.seed))
   torch = h.optional_torch()
 
@@ -460,14 +508,15 @@ def _vocab(ctx: h.Context, bar, V: int, repeats: int, warmup: int, rss: bool) ->
       variants.append(Variant(method.name, settings, "jax", step=method.step, skipped=why))
       bar.update(n_compiles)
       continue
-    v = Variant(method.name, settings, "jax", step=method.step, layer=layer)
+    v = Variant(method.name, settings, "jax", step=method.step, dtype=method.dtype,
+                layer=layer)
     bar.set_postfix_str(f"V={V} compile {method.name}")
     try:
-      shapes = _shapes(layer, V)
-      v.train = h.aot(train_step(layer, method.step), (shapes, key_shape), hidden, targets,
-                      donate_argnums=(0,), bar=bar)
+      shapes = _shapes(layer, V, method.dtype)
+      v.train = h.aot(train_step(layer, method.step), (shapes, key_shape),
+                      hidden_of[method.dtype], targets, donate_argnums=(0,), bar=bar)
       if method.step == "dense":  # the row-sparse variants evaluate exactly as the dense ones
-        v.evaluate = h.aot(eval_fn(layer), shapes, hidden, targets, bar=bar)
+        v.evaluate = h.aot(eval_fn(layer), shapes, hidden_of[method.dtype], targets, bar=bar)
     except Exception as e:  # a method that fails to build is reported, not fatal
       v.skipped = f"failed to compile: {type(e).__name__}: {e}"[:300]
       bar.update(n_compiles - (v.train is not None))
@@ -517,17 +566,17 @@ def _vocab(ctx: h.Context, bar, V: int, repeats: int, warmup: int, rss: bool) ->
         train_calls[v.name], eval_calls[v.name] = _torch_peer(v.name, layers, V, hidden_np,
                                                               targets_np, ctx.seed)
         continue
-      params = v.layer.init(jax.random.key(ctx.seed), H, V)
+      params = _init(v.layer, V, v.dtype, jax.random.key(ctx.seed))
       states[v.name] = [(params, jax.random.key(ctx.seed + 1))]
 
-      def t_call(s=states[v.name], c=v.train.call):
-        s[0], dh, loss = c(s[0], hidden, targets)
+      def t_call(s=states[v.name], c=v.train.call, x=hidden_of[v.dtype]):
+        s[0], dh, loss = c(s[0], x, targets)
         return s[0], dh, loss
 
       train_calls[v.name] = t_call
       if v.evaluate is not None:
-        eval_calls[v.name] = lambda s=states[v.name], c=v.evaluate.call: c(s[0][0], hidden,
-                                                                            targets)
+        eval_calls[v.name] = lambda s=states[v.name], c=v.evaluate.call, x=hidden_of[v.dtype]: c(
+            s[0][0], x, targets)
     for v in group:  # sanity, at the initial params: finite log-probs <= 0, a finite loss
       if "loss" in v.row:
         continue
@@ -594,18 +643,18 @@ def _row(V: int, v: Variant) -> dict:
 def _eval_memory(bar, V: int, n: int) -> list[dict]:
   """XLA's buffer assignment of `log_prob` for every method at (V, n): compiled, never run."""
   _, _, counts = inputs(V, 16, 0)
-  hidden = jax.ShapeDtypeStruct((n, H), jnp.float32)
   targets = jax.ShapeDtypeStruct((n,), jnp.int32)
   rows = []
   for method in METHODS:
     if method.step == "sparse":  # evaluates exactly as its dense twin
       continue
+    hidden = jax.ShapeDtypeStruct((n, H), method.dtype)
     layer, why = _build(method, V, counts)
     row = {"V": V, "N": n, "method": method.name, "skipped": why}
     if layer is not None:
       bar.set_postfix_str(f"log_prob memory V={V} N={n} {method.name}")
       try:
-        c = h.aot(eval_fn(layer), _shapes(layer, V), hidden, targets, bar=bar)
+        c = h.aot(eval_fn(layer), _shapes(layer, V, method.dtype), hidden, targets, bar=bar)
         row.update(xla=c.memory, compile_s=c.compile_s)
       except Exception as e:  # reported in the table
         row["skipped"] = f"failed to compile: {type(e).__name__}: {e}"[:300]
@@ -754,12 +803,14 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
   finally:
     bar.close()
 
-  skipped = sorted({r["method"] for r in rows if r.get("skipped")})
+  skipped = sorted({r["method"] for r in rows if r.get("skipped")
+                    and not r["skipped"].startswith("the default strategy")})
   md = ctx.header(
       "softmax: output layers against the full softmax and PyTorch",
       shapes=f"H={H}, N={N} tokens, V in {', '.join(f'{V:,}' for V in vocabs)}; exact log_prob "
              f"memory at V={all_vocabs[-1]:,}, N={N_EVAL_MEMORY}",
-      dtype="float32 (params, hidden), int32 targets",
+      dtype="float32 (params, hidden) unless a row says bfloat16; int32 targets; losses and "
+            "log-probabilities float32",
       seeds=f"{ctx.seed} (hidden, Zipf targets, params; sampling keys split from seed+1)",
       method=(f"median of n timed rounds after {warmup} warm-up round, n = "
               f"{', '.join(f'{r} at V={V:,}' for V, r in repeats_for.items())} or, where those "

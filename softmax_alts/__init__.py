@@ -16,6 +16,7 @@ from softmax_alts._full import full
 from softmax_alts._full import log_normalizer
 from softmax_alts._hierarchical import HierarchicalParams
 from softmax_alts._hierarchical import hierarchical
+from softmax_alts._lse import default_strategy
 from softmax_alts._nce import nce
 from softmax_alts._nce import negative_sampling
 from softmax_alts._sampled import Negatives

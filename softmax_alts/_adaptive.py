@@ -93,7 +93,7 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0, head_bias: bool 
     cutoffs: increasing ids in (0, V); `cutoffs[0]` is the shortlist size.
     div_value: the divisor of the tail widths, h_i = H // div_value**(i+1).
     head_bias: whether the head has a bias (PyTorch's default: no).
-    strategy: "stream", "materialize" or None (by backend and size; see `full`).
+    strategy: "stream", "materialize" or None (by backend and size: `default_strategy`).
     block_rows: cluster words per block (stream).
     tile_rows: member rows per tile (stream).
     mesh: a `jax.sharding.Mesh` to split the tails over, or None.
@@ -192,7 +192,7 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0, head_bias: bool 
       lo = jnp.where(member, 0, size)
       # Streamed, the few member rows recompute their logits in the backward pass: a small
       # GEMM, where keeping them would hold a block of every cluster word for every tile.
-      tail_strategy = strategy or _lse.default_strategy(hidden.shape[0], size)
+      tail_strategy = strategy or _lse.default_strategy(hidden.shape[0], size, ranges=True)
       lse, z = _lse.lse_and_target(
           _lse.dot(hidden, projection, ((1,), (1,))).astype(_lse.common_dtype(hidden, output)),
           output, None, targets - cuts[i], lo, jnp.full_like(lo, size), strategy=tail_strategy,

@@ -101,7 +101,7 @@ def class_based(counts, num_classes: int, *, strategy: str | None = None, block_
     counts: `[V]` non-negative word counts (or any weights to bin on, such as their square
       roots), ids sorted by descending frequency; only the class boundaries depend on them.
     num_classes: C in [1, V].
-    strategy: "stream", "materialize" or None (by backend and size; see `full`).
+    strategy: "stream", "materialize" or None (by backend and size: `default_strategy`).
     block_rows: vocabulary rows per block (stream).
     tile_rows: class-sorted rows per tile (stream); None: the power of two from 8 to 64 at or
       above N / C.

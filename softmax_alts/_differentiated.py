@@ -75,7 +75,7 @@ def differentiated(counts, bands, *, strategy: str | None = None, block_rows: in
       used).
     bands: a tuple of `(num_words, dim)` pairs in frequency order; the num_words sum to V and
       the dims to H.
-    strategy: "stream", "materialize" or None (by backend and size; see `full`).
+    strategy: "stream", "materialize" or None (by backend and size: `default_strategy`).
     block_rows: vocabulary rows per block (stream).
     mesh: a `jax.sharding.Mesh` to split the bands over, or None.
     axis: the mesh axis the vocabulary is split over.

@@ -38,7 +38,7 @@ def init_full_params(key: jax.Array, hidden_size: int, vocab_size: int, *,
   """Initializes `FullParams`: `w ~ N(0, 1 / H)` i.i.d., `b = 0`.
 
   The rows are drawn `block_rows` at a time so that the peak memory stays near the size of `w`
-  itself (drawing a `[V, H]` normal at once needs about 3x that in temporaries).
+  itself (drawing a `[V, H]` normal at once needs several times that in temporaries).
 
   Args:
     key: a `jax.random.key`.
@@ -170,9 +170,10 @@ def full(*, chunk_size: int | None = None, strategy: str | None = None, block_ro
   - "materialize": one `[N, V]` GEMM and a fused log-softmax, the logits kept for the backward
     pass: what accelerators run fastest while the logits fit.
 
-  `strategy=None` picks "stream" on CPU and "materialize" on accelerators while the float32
-  logits fit in 2 GiB (else "stream"). A V that is not a multiple of the block is fine: the last
-  block overlaps the one before it and masks the overlap, so the table is never padded.
+  `strategy=None` picks by backend and size (`default_strategy`: "stream" on CPU beyond small
+  tables, "materialize" on accelerators while the logits fit). A V that is not a multiple of the
+  block is fine: the last block overlaps the one before it and masks the overlap, so the table
+  is never padded.
 
   `hidden` and the params may each be float32 or bfloat16: the GEMMs run in their common
   dtype, accumulated in float32, and the log-sum-exp, the loss and the log-probabilities are

@@ -22,8 +22,7 @@ the products run in the inputs' common dtype and accumulate in float32. The grad
 - "materialize": one `[N, R]` GEMM, masked to the ranges, and a fused log-softmax; the logits
   are kept for the backward pass (`store`, the 6 N K R flops of a softmax) or recomputed.
 
-`strategy=None` picks "materialize" while the `[N, R]` logits fit a budget (small on CPU, whose
-caches favour streaming; large on accelerators), else "stream".
+`strategy=None` picks by backend and size (`default_strategy`).
 
 Vocabulary parallelism: with a `mesh` and an `axis`, `w` and `b` are split along R over the
 axis (device m holds rows `[m R/M, (m+1) R/M)`), and the same code runs on every device inside
@@ -62,11 +61,26 @@ def check_strategy(strategy) -> str | None:
   return strategy
 
 
-def default_strategy(num_rows: int, num_words: int) -> str:
-  """"materialize" while the `[N, R]` float32 logits fit (8 MiB on CPU, where larger ones are
-  faster streamed through the cache; 2 GiB on accelerators), else "stream"."""
-  budget = 2 ** 23 if jax.default_backend() == "cpu" else 2 ** 31
-  return "materialize" if 4 * num_rows * num_words <= budget else "stream"
+def default_strategy(num_rows: int, num_words: int, *, ranges: bool = False) -> str:
+  """The strategy that `strategy=None` picks for `num_rows` rows against a `num_words` table.
+
+  On CPU, "stream", except "materialize" for rows that need the whole table while their float32
+  logits fit in 8 MiB (larger ones run faster streamed through the cache, and rows with ranges
+  skip the blocks outside them). On accelerators, "materialize" while the `[N, R]` float32
+  logits fit in 2 GiB, else "stream".
+
+  Args:
+    num_rows: N.
+    num_words: R, the rows of the table (of all devices together).
+    ranges: whether each row needs only an id range of the table.
+
+  Returns:
+    "stream" or "materialize".
+  """
+  logits_bytes = 4 * num_rows * num_words
+  if jax.default_backend() == "cpu":
+    return "materialize" if not ranges and logits_bytes <= 2 ** 23 else "stream"
+  return "materialize" if logits_bytes <= 2 ** 31 else "stream"
 
 
 def common_dtype(*arrays):
@@ -523,7 +537,7 @@ def lse_and_target(hidden, w, b, targets, lo=None, hi=None, *, strategy: str | N
 
   Args:
     hidden: `[N, K]` float.
-    w: `[R, K]` float table (the rows this device holds, R / M of them, under a mesh).
+    w: `[R, K]` float table (split along R over the mesh axis, if any).
     b: `[R]` float bias, or None.
     targets: `[N]` int ids in `[0, R)`; an id outside its row's range gives `z_t = 0`.
     lo, hi: None (every row: the whole table), or `[N]` int range bounds. The ranges must be
@@ -542,7 +556,8 @@ def lse_and_target(hidden, w, b, targets, lo=None, hi=None, *, strategy: str | N
   if mesh is None or mesh.shape[axis] == 1:
     mesh = axis = None
   num_rows, num_words = hidden.shape[0], w.shape[0]
-  strategy = check_strategy(strategy) or default_strategy(num_rows, num_words)
+  strategy = check_strategy(strategy) or default_strategy(num_rows, num_words,
+                                                          ranges=lo is not None)
   if lo is not None and strategy == "stream" and tile_rows is None:
     raise ValueError("`tile_rows` is required by the stream strategy with ranges.")
   dtype = accumulation_dtype(hidden, w)

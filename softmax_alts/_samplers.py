@@ -3,6 +3,17 @@
 A `Sampler` draws the negative ids and reports the expected count of any id among the draws,
 the Q of the log Q correction in `sampled` and `nce`. Ids are assumed sorted by descending
 frequency (id 0 the most frequent), which `log_uniform` relies on.
+
+`log_uniform` and `unigram` draw with replacement by default, with Walker's alias method (O(1)
+per draw, exact in float32), and then `expected_count = num_samples * p_v` exactly. With
+`unique=True` they draw without replacement, by Gumbel-top-k over the V log-probabilities (O(V)
+per call; Kool et al. 2019), which is sequential sampling proportional to p. Its inclusion
+probabilities have no closed form; `expected_count` returns TensorFlow's estimator
+`-expm1(num_tries * log1p(-p_v))`, the probability that v is among `num_tries` draws with
+replacement, with `num_tries` the expected number of draws with replacement that give
+`num_samples` distinct ids (the root of `sum_v -expm1(t * log1p(-p_v)) = num_samples`, so the
+counts sum to `num_samples` as inclusion probabilities must): an approximation, better as V
+grows.
 """
 
 from typing import Callable, NamedTuple
@@ -133,20 +144,6 @@ def _from_probs(probs: np.ndarray, unique: bool) -> Sampler:
                  vocab_size=vocab_size, unique=unique)
 
 
-_UNIQUE_DOC = """
-  With `unique=True` the draws are without replacement, by Gumbel-top-k over the V
-  log-probabilities (O(V) per call; Kool et al. 2019), which is sequential sampling
-  proportional to p. Its inclusion probabilities have no closed form; `expected_count` returns
-  TensorFlow's estimator `-expm1(num_tries * log1p(-p_v))`, the probability that v is among
-  `num_tries` draws with replacement, with `num_tries` the expected number of draws with
-  replacement that give `num_samples` distinct ids (the root of
-  `sum_v -expm1(t * log1p(-p_v)) = num_samples`, so the counts sum to `num_samples` as
-  inclusion probabilities must). It is an approximation: within about 0.01 of the Monte Carlo
-  inclusion probability at V = 1000, k = 100 under log-uniform, and better as V grows.
-  With replacement (the default), draws use Walker's alias method (O(1) per draw, exact in
-  float32) and `expected_count = num_samples * p_v` exactly."""
-
-
 def uniform(vocab_size: int, *, unique: bool = False) -> Sampler:
   """Uniform candidates: `p_v = 1 / V`.
 
@@ -190,8 +187,7 @@ def log_uniform(vocab_size: int, *, unique: bool = False) -> Sampler:
 
   `P(v) = (log(v + 2) - log(v + 1)) / log(V + 1)`, the distribution of
   `tf.random.log_uniform_candidate_sampler`, which approximates a Zipf law when id 0 is the most
-  frequent word.
-  {unique}
+  frequent word. Drawn with or without replacement as the module docstring describes.
 
   Args:
     vocab_size: V.
@@ -216,8 +212,8 @@ def unigram(counts, *, power: float = 0.75, unique: bool = False) -> Sampler:
   """Unigram candidates raised to a power: `P(v) = c_v^power / sum_u c_u^power`.
 
   `power = 0.75` is word2vec's distortion (Mikolov et al. 2013); `power = 1` is the unigram
-  distribution and `power = 0` the uniform one over the ids with a positive count.
-  {unique}
+  distribution and `power = 0` the uniform one over the ids with a positive count. Drawn with
+  or without replacement as the module docstring describes.
 
   Args:
     counts: `[V]` non-negative word counts (concrete, read once at construction), at least one
@@ -247,12 +243,6 @@ def unigram(counts, *, power: float = 0.75, unique: bool = False) -> Sampler:
     raise ValueError(f"`power` must be a non-negative number; got {power!r}.")
   weights = np.where(counts_np > 0, counts_np ** float(power), 0.0)
   return _from_probs(weights / weights.sum(), unique)
-
-
-for _factory in (log_uniform, unigram):
-  if _factory.__doc__:  # None under `python -OO`.
-    _factory.__doc__ = _factory.__doc__.replace("  {unique}", _UNIQUE_DOC[1:])
-del _factory
 
 
 def in_batch(vocab_size: int, *, unique: bool = False) -> Sampler:
