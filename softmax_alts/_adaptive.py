@@ -1,6 +1,5 @@
 """Adaptive softmax (Grave et al. 2017), as PyTorch's AdaptiveLogSoftmaxWithLoss computes it."""
 
-import functools
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 
 from softmax_alts import _lse
 from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
-                                layer_functions, param_dtype_of)
+                                layer_functions, init_function)
 
 
 class AdaptiveParams(NamedTuple):
@@ -120,11 +119,9 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0, head_bias: bool 
   def widths(hidden_size: int) -> list[int]:
     return [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
-  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
-           dtype=None) -> AdaptiveParams:
+  @init_function
+  def init(key, hidden_size: int, vocab_size: int, dtype) -> AdaptiveParams:
     """Every weight uniform in +-1/sqrt(fan_in), as PyTorch's `Linear` (and its module)."""
-    dtype = param_dtype_of(param_dtype, dtype)
     if hidden_size < 1:
       raise ValueError(f"`hidden_size` must be >= 1; got {hidden_size}.")
     if vocab_size <= cuts[-1]:

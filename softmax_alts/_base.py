@@ -211,17 +211,27 @@ def check_positive_int(value, name: str) -> int:
   return int(value)
 
 
-def param_dtype_of(param_dtype, dtype):
-  """The parameters' dtype from `init`'s `param_dtype` and its older alias `dtype`."""
-  if dtype is not None:
-    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(dtype):
-      raise ValueError(f"`dtype` is an alias of `param_dtype`; got both, {param_dtype} and "
-                       f"{dtype}.")
-    param_dtype = dtype
-  param_dtype = jnp.dtype(jnp.float32 if param_dtype is None else param_dtype)
-  if not jnp.issubdtype(param_dtype, jnp.floating):
-    raise ValueError(f"`param_dtype` must be a floating dtype; got {param_dtype}.")
-  return param_dtype
+def init_function(draw: Callable) -> Callable:
+  """A layer's `init(key, hidden_size, vocab_size, *, param_dtype=None, dtype=None) -> params`
+  from `draw(key, hidden_size, vocab_size, dtype)`, jitted with the sizes and dtype static.
+
+  `param_dtype` is the parameters' floating dtype (float32 by default), Flax's name; `dtype`
+  is accepted as its older name.
+  """
+
+  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None, dtype=None):
+    if dtype is not None:
+      if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(dtype):
+        raise ValueError(f"`dtype` is an alias of `param_dtype`; got both, {param_dtype} and "
+                         f"{dtype}.")
+      param_dtype = dtype
+    param_dtype = jnp.dtype(jnp.float32 if param_dtype is None else param_dtype)
+    if not jnp.issubdtype(param_dtype, jnp.floating):
+      raise ValueError(f"`param_dtype` must be a floating dtype; got {param_dtype}.")
+    return draw(key, hidden_size, vocab_size, param_dtype)
+
+  init.__name__, init.__doc__ = draw.__name__, draw.__doc__
+  return jax.jit(init, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
 
 
 def check_mesh(mesh, axis) -> int:

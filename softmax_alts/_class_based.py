@@ -1,6 +1,5 @@
 """Class-based softmax: a softmax over word classes, then a softmax over the words of one class."""
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -11,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from softmax_alts import _lse
 from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
-                                layer_functions, param_dtype_of)
+                                layer_functions, init_function)
 from softmax_alts._trees import _check_counts
 
 
@@ -129,11 +128,9 @@ def class_based(counts, num_classes: int, *, strategy: str | None = None, block_
     check_positive_int(tile_rows, "tile_rows")
   shards = check_mesh(mesh, axis)
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
-  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
-           dtype=None) -> ClassBasedParams:
+  @init_function
+  def init(key, hidden_size: int, vocab_size: int, dtype) -> ClassBasedParams:
     """Weights uniform in +-1/sqrt(H) (as a PyTorch `Linear`), biases zero."""
-    dtype = param_dtype_of(param_dtype, dtype)
     if vocab_size != num_words:
       raise ValueError(f"`vocab_size` must equal len(counts) = {num_words}; got {vocab_size}.")
     if hidden_size < 1:
@@ -189,9 +186,8 @@ def class_based(counts, num_classes: int, *, strategy: str | None = None, block_
     args = (hidden, class_log_probs, params.word_weights, params.word_bias)
     if shards == 1:
       return words(jnp.zeros((1,), jnp.int32), *args)
-    return jax.shard_map(words, mesh=mesh, in_specs=(P(axis), P(), P(), P(axis, None), P(axis)),
-                         out_specs=P(None, axis), axis_names={axis})(
-                             _lse.shard_numbers(mesh, axis), *args)
+    return _lse.smap(words, mesh, axis, (P(axis), P(), P(), P(axis, None), P(axis)),
+                     P(None, axis))(_lse.shard_numbers(mesh, axis), *args)
 
   loss, log_prob, log_probs = layer_functions(check, target_log_prob, all_log_probs)
   return OutputLayer(init=init, loss=loss, log_prob=log_prob, log_probs=log_probs)

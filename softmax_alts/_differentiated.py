@@ -1,6 +1,5 @@
 """Differentiated softmax (D-softmax): wide output vectors for frequent words, narrow for rare."""
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 
 from softmax_alts import _lse
 from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
-                                layer_functions, param_dtype_of)
+                                layer_functions, init_function)
 from softmax_alts._trees import _check_counts
 
 
@@ -97,11 +96,9 @@ def differentiated(counts, bands, *, strategy: str | None = None, block_rows: in
   dim_offsets = np.concatenate([[0], np.cumsum([d for _, d in pairs])]).tolist()
   word_offsets = np.concatenate([[0], np.cumsum([w for w, _ in pairs])]).tolist()
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
-  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
-           dtype=None) -> DifferentiatedParams:
+  @init_function
+  def init(key, hidden_size: int, vocab_size: int, dtype) -> DifferentiatedParams:
     """Band weights uniform in +-1/sqrt(dim_j) (as a PyTorch `Linear`), biases zero."""
-    dtype = param_dtype_of(param_dtype, dtype)
     if vocab_size != num_words:
       raise ValueError(f"`vocab_size` must equal len(counts) = {num_words}; got {vocab_size}.")
     if hidden_size != width:

@@ -13,7 +13,7 @@ from jax import lax
 
 from softmax_alts import _lse
 from softmax_alts._base import (OutputLayer, check_divisible, check_hidden, check_mesh,
-                                check_positive_int, layer_functions, param_dtype_of)
+                                check_positive_int, init_function, layer_functions)
 
 
 class FullParams(NamedTuple):
@@ -33,28 +33,26 @@ def check_chunk_size(chunk_size) -> int | None:
   return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
 
 
-def init_full_params(key: jax.Array, hidden_size: int, vocab_size: int, *,
-                     param_dtype=None, dtype=None, block_rows: int = 16384) -> FullParams:
+@init_function
+def init_full_params(key: jax.Array, hidden_size: int, vocab_size: int, dtype) -> FullParams:
   """Initializes `FullParams`: `w ~ N(0, 1 / H)` i.i.d., `b = 0`.
 
-  The rows are drawn `block_rows` at a time so that the peak memory stays near the size of `w`
-  itself (drawing a `[V, H]` normal at once needs several times that in temporaries).
+  The rows are drawn in blocks so that the peak memory stays near the size of `w` itself
+  (drawing a `[V, H]` normal at once needs several times that in temporaries).
 
   Args:
     key: a `jax.random.key`.
     hidden_size: H.
     vocab_size: V.
-    param_dtype: floating dtype of the parameters (float32 by default).
-    dtype: an older name of `param_dtype`.
-    block_rows: rows drawn at a time.
+    param_dtype: floating dtype of the parameters (float32 by default; `dtype` is an older
+      name).
 
   Returns:
     `FullParams(w [V, H], b [V])`.
   """
   check_positive_int(hidden_size, "hidden_size")
   check_positive_int(vocab_size, "vocab_size")
-  dtype = param_dtype_of(param_dtype, dtype)
-  rows = min(block_rows, vocab_size)
+  rows = min(16384, vocab_size)
   scale = jnp.asarray(hidden_size ** -0.5, dtype)
 
   def draw(i, w):

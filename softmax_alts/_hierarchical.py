@@ -1,6 +1,5 @@
 """Hierarchical softmax: a binary tree of logistic decisions over the vocabulary."""
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -8,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_alts._base import (OutputLayer, RowLoss, RowSparse, check_targets, check_where,
-                                layer_functions, param_dtype_of)
+                                layer_functions, init_function)
 from softmax_alts._lse import accumulation_dtype, common_dtype, logits
 from softmax_alts._trees import Tree, check_tree
 
@@ -141,11 +140,9 @@ def hierarchical(tree: Tree) -> OutputLayer:
   signs = np.asarray(tree.signs, np.int8)
   levels, (word_position, word_last_node, word_last_sign) = _levels(tree)
 
-  @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
-  def init(key, hidden_size: int, vocab_size: int, *, param_dtype=None,
-           dtype=None) -> HierarchicalParams:
+  @init_function
+  def init(key, hidden_size: int, vocab_size: int, dtype) -> HierarchicalParams:
     """Node vectors uniform in +-1/sqrt(H) (as a PyTorch `Linear`), biases zero."""
-    dtype = param_dtype_of(param_dtype, dtype)
     if vocab_size != num_words:
       raise ValueError(f"`vocab_size` must equal the tree's number of words {num_words}; "
                        f"got {vocab_size}.")

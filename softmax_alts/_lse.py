@@ -121,7 +121,7 @@ def split_logits(hidden, w, b, mesh=None, axis: str | None = None):
   """`(z [N, R], lse [N])`: the logits `hidden @ w.T + b` (`b` may be None) and each row's
   log-sum-exp over all R, with `w`, `b` and `z` split along R over `axis` of `mesh` if given."""
 
-  if mesh is None or mesh.shape[axis] == 1:
+  if not split(mesh, axis):
     z = logits(hidden, w, b)
     return z, _logsumexp(z)
 
@@ -129,9 +129,8 @@ def split_logits(hidden, w, b, mesh=None, axis: str | None = None):
     z = logits(hidden, w, b)
     return z, combine(_logsumexp(z), axis)
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis, None), None if b is None
-                                                  else P(axis)),
-                       out_specs=(P(None, axis), P()), axis_names={axis})(hidden, w, b)
+  return smap(body, mesh, axis, (P(), P(axis, None), None if b is None else P(axis)),
+              (P(None, axis), P()))(hidden, w, b)
 
 
 def _logsumexp(z):
@@ -154,7 +153,7 @@ def take_rows(table, ids, mesh=None, axis: str | None = None):
   """`table[ids]` for a table split along its rows over `axis` of `mesh` (if given): each device
   reads the ids it holds and a psum completes them, so no table-sized array crosses devices,
   in either direction of autodiff (the gradient stays split like the table)."""
-  if mesh is None or mesh.shape[axis] == 1:
+  if not split(mesh, axis):
     return table[ids]
 
   def body(shard, table, ids):
@@ -165,12 +164,18 @@ def take_rows(table, ids, mesh=None, axis: str | None = None):
     return lax.psum(jnp.where(owned, rows, jnp.zeros((), rows.dtype)), axis)
 
   spec = P(axis, *(None,) * (table.ndim - 1))
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(axis), spec, P()), out_specs=P(),
-                       axis_names={axis})(shard_numbers(mesh, axis), table, ids)
+  return smap(body, mesh, axis, (P(axis), spec, P()), P())(shard_numbers(mesh, axis), table,
+                                                            ids)
 
 
 def _cdiv(a, b):
   return -(-a // b)
+
+
+def _add_at(x, start, delta):
+  """`x` with `delta` added to its rows `[start, start + len(delta))` (in place in a loop)."""
+  return lax.dynamic_update_slice_in_dim(
+      x, lax.dynamic_slice_in_dim(x, start, delta.shape[0], 0) + delta.astype(x.dtype), start, 0)
 
 
 def shard_numbers(mesh, axis):
@@ -180,14 +185,20 @@ def shard_numbers(mesh, axis):
   return jnp.arange(mesh.shape[axis], dtype=jnp.int32)
 
 
-def smap(fn, mesh, axis, in_specs, out_specs):
+def split(mesh, axis) -> bool:
+  """Whether tables are split over `axis` of `mesh` (None, or an axis of size 1: no)."""
+  return mesh is not None and mesh.shape[axis] > 1
+
+
+def smap(fn, mesh, axis, in_specs, out_specs, *, autodiff: bool = True):
   """`jax.shard_map` manual over `axis` only (every other axis is left to the compiler).
 
-  The bodies run loops whose replication JAX cannot infer, and nothing differentiates through
-  them (the VJP is written out), so the checks that serve autodiff are off.
+  `autodiff=False` for bodies that nothing differentiates through (the primitive's forward and
+  backward, whose VJP is written out) and whose loops' replication JAX cannot infer: the checks
+  that serve autodiff are then off.
   """
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       axis_names={axis}, check_vma=False)
+                       axis_names={axis}, check_vma=autodiff)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,14 +321,10 @@ def _stream_forward(plan: Plan, w, b, hidden, targets, lo, hi, with_grad):
     j = rows.pairs.block[p]
     found = (t_t >= j * rows.block) & (t_t < jnp.minimum((j + 1) * rows.block, num_words))
     local = jnp.clip(t_t - start, 0, rows.block - 1)
-    w_t = lax.dynamic_update_slice_in_dim(
-        w_t, lax.dynamic_slice_in_dim(w_t, row0, rows.tile, 0) + jnp.where(
-            found[:, None], jnp.take(w_blk, local, axis=0).astype(dtype), 0), row0, 0)
+    w_t = _add_at(w_t, row0, jnp.where(found[:, None], jnp.take(w_blk, local, axis=0), 0))
     if b is not None:
-      b_blk = lax.dynamic_slice_in_dim(b, start, rows.block, 0)
-      b_t = lax.dynamic_update_slice_in_dim(
-          b_t, lax.dynamic_slice_in_dim(b_t, row0, rows.tile, 0)
-          + jnp.where(found, b_blk[local].astype(dtype), 0), row0, 0)
+      b_t = _add_at(b_t, row0, jnp.where(
+          found, lax.dynamic_slice_in_dim(b, start, rows.block, 0)[local], 0))
     m_new = jnp.maximum(m_prev, jnp.max(z, axis=0))
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0)
     scale = jnp.exp(m_prev - shift)
@@ -326,9 +333,9 @@ def _stream_forward(plan: Plan, w, b, hidden, targets, lo, hi, with_grad):
     e = lax.optimization_barrier(jnp.exp(z.T - shift[:, None]))
     s = lax.dynamic_update_slice_in_dim(s, s_prev * scale + jnp.sum(e, axis=1), row0, 0)
     if with_grad:
-      acc_t = lax.dynamic_slice_in_dim(acc, row0, rows.tile, 0)
+      acc_t = lax.dynamic_slice_in_dim(acc, row0, rows.tile, 0) * scale[:, None]
       acc = lax.dynamic_update_slice_in_dim(
-          acc, acc_t * scale[:, None] + dot(e.astype(w_blk.dtype), w_blk, ((1,), (0,))), row0, 0)
+          acc, acc_t + dot(e.astype(w_blk.dtype), w_blk, ((1,), (0,))), row0, 0)
       if capacity:
         kept = lax.dynamic_update_index_in_dim(kept, z, jnp.minimum(p, capacity), 0)
     return lax.dynamic_update_slice_in_dim(m, m_new, row0, 0), s, w_t, b_t, acc, kept
@@ -373,14 +380,8 @@ def _stream_backward(plan: Plan, w, b, hidden, targets, lo, hi, lse, g, g_z, kep
     hit = mask & (ids[:, None] == t_t[None, :])
     dz = g_t[None, :] * jnp.exp(z - lse_t[None, :]) + jnp.where(hit, gz_t[None, :], 0)  # [B, T]
     # The clamped last block adds zeros to the ids an earlier block owns (dz is 0 there).
-    dw = lax.dynamic_update_slice_in_dim(
-        dw, lax.dynamic_slice_in_dim(dw, start, rows.block, 0)
-        + dot(dz.astype(h_t.dtype), h_t, ((1,), (0,))).astype(dw.dtype), start, 0)
-    if db is not None:
-      db = lax.dynamic_update_slice_in_dim(
-          db, lax.dynamic_slice_in_dim(db, start, rows.block, 0)
-          + jnp.sum(dz, axis=1).astype(db.dtype), start, 0)
-    return dw, db
+    dw = _add_at(dw, start, dot(dz.astype(h_t.dtype), h_t, ((1,), (0,))))
+    return dw, None if db is None else _add_at(db, start, jnp.sum(dz, axis=1))
 
   carry = (jnp.zeros(w.shape, grad_dtype), None if b is None else jnp.zeros(b.shape, grad_dtype))
   count = rows.pairs.count
@@ -420,7 +421,7 @@ def _materialize_backward(w, b, hidden, targets, lo, hi, lse, g, g_z, kept):
 # --------------------------------------------------------------------------------------------
 # One device's share, and the custom VJP over it.
 
-def _local_ids(plan: Plan, shard, num_words, targets, lo, hi):
+def _local_ids(shard, num_words, targets, lo, hi):
   """Targets and ranges in this device's ids: targets outside its rows or outside their row's
   range become -1; ranges are clipped to `[0, R_local]`."""
   offset = 0 if shard is None else shard[0] * num_words
@@ -437,7 +438,7 @@ def _local_ids(plan: Plan, shard, num_words, targets, lo, hi):
 def _local_forward(plan: Plan, with_grad, shard, w, b, hidden, targets, lo, hi):
   """This device's share: `(lse, z_t)` over all devices (combined with collectives) and,
   `with_grad`, the parts of `d hidden` (stream) and its own kept logits."""
-  targets, lo, hi = _local_ids(plan, shard, w.shape[0], targets, lo, hi)
+  targets, lo, hi = _local_ids(shard, w.shape[0], targets, lo, hi)
   if plan.strategy == "stream":
     outputs, kept = _stream_forward(plan, w, b, hidden, targets, lo, hi, with_grad)
     lse_local, z_t = outputs[:2]
@@ -464,7 +465,7 @@ def _local_forward(plan: Plan, with_grad, shard, w, b, hidden, targets, lo, hi):
 
 
 def _local_backward(plan: Plan, shard, w, b, hidden, targets, lo, hi, lse, g, g_z, kept):
-  targets, lo, hi = _local_ids(plan, shard, w.shape[0], targets, lo, hi)
+  targets, lo, hi = _local_ids(shard, w.shape[0], targets, lo, hi)
   if plan.strategy == "stream":
     return _stream_backward(plan, w, b, hidden, targets, lo, hi, lse, g, g_z, kept)
   dw, db, dh = _materialize_backward(w, b, hidden, targets, lo, hi, lse, g, g_z, kept)
@@ -487,7 +488,7 @@ def _forward(plan: Plan, with_grad, w, b, hidden, targets, lo, hi):
   local = lambda *args: (lambda o: o if not with_grad else (*o[:3], o[3][None]))(fn(*args))
   shared = (P(), P())
   out_specs = shared if not with_grad else (*shared, (P(), P()), P(plan.axis))
-  return smap(local, plan.mesh, plan.axis, _specs(plan, b, lo), out_specs)(
+  return smap(local, plan.mesh, plan.axis, _specs(plan, b, lo), out_specs, autodiff=False)(
       shard_numbers(plan.mesh, plan.axis), w, b, hidden, targets, lo, hi)
 
 
@@ -515,7 +516,7 @@ def _core_bwd(plan, residuals, cotangents):
     table = (P(plan.axis, None), None if b is None else P(plan.axis))
     grads = smap(fn, plan.mesh, plan.axis,
                  (*_specs(plan, b, lo), P(), P(), P(), P(plan.axis)),
-                 table if plan.strategy == "stream" else (*table, P()))(
+                 table if plan.strategy == "stream" else (*table, P()), autodiff=False)(
                      shard_numbers(plan.mesh, plan.axis), w, b, hidden, targets, lo, hi, lse,
                      g, g_z, kept)
   if plan.strategy == "stream":
@@ -553,7 +554,7 @@ def lse_and_target(hidden, w, b, targets, lo=None, hi=None, *, strategy: str | N
   Returns:
     `(lse [N], z_t [N])` in at least float32; reverse-mode differentiable in `hidden`, `w`, `b`.
   """
-  if mesh is None or mesh.shape[axis] == 1:
+  if not split(mesh, axis):
     mesh = axis = None
   num_rows, num_words = hidden.shape[0], w.shape[0]
   strategy = check_strategy(strategy) or default_strategy(num_rows, num_words,

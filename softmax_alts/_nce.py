@@ -1,12 +1,16 @@
 """Noise-contrastive estimation (log Z fixed at 0) and negative sampling."""
 
-import jax
 import jax.numpy as jnp
 
 from softmax_alts._base import OutputLayer
-from softmax_alts._full import full_softmax
 from softmax_alts._sampled import sampling_layer
 from softmax_alts._samplers import Sampler
+
+
+def _log_sigmoid(x):
+  """`log sigma(x)`, stable for any x, with one exponential each way (`jax.nn.log_sigmoid`'s
+  `logaddexp` computes another one for its derivative)."""
+  return jnp.minimum(x, 0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
 def _binary_token_loss(remove_accidental_hits: bool):
@@ -14,10 +18,10 @@ def _binary_token_loss(remove_accidental_hits: bool):
 
   def token_loss(h_n, t_n, ids, z_t, z_s):
     del h_n
-    negative = jax.nn.log_sigmoid(-z_s)
+    negative = _log_sigmoid(-z_s)
     if remove_accidental_hits:
       negative = jnp.where(ids == t_n, jnp.zeros_like(negative), negative)
-    return -jax.nn.log_sigmoid(z_t) - jnp.sum(negative)
+    return -_log_sigmoid(z_t) - jnp.sum(negative)
 
   return token_loss
 
@@ -57,9 +61,8 @@ def nce(num_samples: int, sampler: Sampler, *, remove_accidental_hits: bool = Fa
     Models", 2012. https://arxiv.org/abs/1206.6426
   """
   return sampling_layer(_binary_token_loss(remove_accidental_hits), sampler, num_samples,
-                        shared=shared, subtract_log_q=True,
-                        softmax=full_softmax(chunk_size=chunk_size, strategy=strategy,
-                                             mesh=mesh, axis=axis))
+                        shared=shared, subtract_log_q=True, chunk_size=chunk_size,
+                        strategy=strategy, mesh=mesh, axis=axis)
 
 
 def negative_sampling(num_samples: int, sampler: Sampler, *,
@@ -90,6 +93,5 @@ def negative_sampling(num_samples: int, sampler: Sampler, *,
     Phrases and their Compositionality", 2013. https://arxiv.org/abs/1310.4546
   """
   return sampling_layer(_binary_token_loss(remove_accidental_hits), sampler, num_samples,
-                        shared=shared, subtract_log_q=False,
-                        softmax=full_softmax(chunk_size=chunk_size, strategy=strategy,
-                                             mesh=mesh, axis=axis))
+                        shared=shared, subtract_log_q=False, chunk_size=chunk_size,
+                        strategy=strategy, mesh=mesh, axis=axis)

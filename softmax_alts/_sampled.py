@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from softmax_alts._base import (OutputLayer, RowLoss, RowSparse, batch, check_targets,
                                 check_where, finish, layer_functions, unbatch)
-from softmax_alts._full import FullSoftmax, full_softmax, init_full_params
+from softmax_alts._full import full_softmax, init_full_params
 from softmax_alts._lse import accumulation_dtype, dot
 from softmax_alts._samplers import Sampler, check_num_samples
 
@@ -91,9 +91,9 @@ def _check_negatives(negatives, num_rows: int, subtract_log_q: bool) -> Negative
 
 
 def sampling_layer(token_loss: Callable[..., jax.Array], sampler: Sampler, num_samples: int, *,
-                   shared: bool, subtract_log_q: bool, softmax: FullSoftmax) -> OutputLayer:
+                   shared: bool, subtract_log_q: bool, **exact) -> OutputLayer:
   """An `OutputLayer` over `FullParams` whose loss is `token_loss` on sampled negatives and
-  whose log-probabilities are `softmax`'s, exact.
+  whose log-probabilities are exact, `full(**exact)`'s.
 
   `token_loss(h [H], t [], ids [k], z_t [], z_s [k]) -> []` is written for ONE token, from its
   corrected logits (`scores`), and batched with `jax.vmap`; with shared negatives the vmap
@@ -101,6 +101,7 @@ def sampling_layer(token_loss: Callable[..., jax.Array], sampler: Sampler, num_s
   """
   check_num_samples(num_samples)
   check_sampler(sampler)
+  softmax = full_softmax(**exact)
 
   def log_q(ids, counts, dtype):
     return (log_expected_count(counts, dtype) if subtract_log_q
@@ -166,7 +167,9 @@ def _sampled_token_loss(remove_accidental_hits: bool):
     del h_n
     if remove_accidental_hits:
       z_s = jnp.where(ids == t_n, hit_mask_value(z_s.dtype), z_s)
-    return jax.nn.logsumexp(jnp.concatenate([z_t[None], z_s])) - z_t
+    # logsumexp([z_t, z_s]) without concatenating them (a copy of every score each way)
+    peak = jax.lax.stop_gradient(jnp.maximum(z_t, jnp.max(z_s)))
+    return peak + jnp.log(jnp.exp(z_t - peak) + jnp.sum(jnp.exp(z_s - peak))) - z_t
   return token_loss
 
 
@@ -212,6 +215,5 @@ def sampled(num_samples: int, sampler: Sampler, *, remove_accidental_hits: bool 
     Translation", 2015. https://arxiv.org/abs/1412.2007
   """
   return sampling_layer(_sampled_token_loss(remove_accidental_hits), sampler, num_samples,
-                        shared=shared, subtract_log_q=subtract_log_q,
-                        softmax=full_softmax(chunk_size=chunk_size, strategy=strategy,
-                                             mesh=mesh, axis=axis))
+                        shared=shared, subtract_log_q=subtract_log_q, chunk_size=chunk_size,
+                        strategy=strategy, mesh=mesh, axis=axis)
