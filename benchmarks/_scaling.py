@@ -8,7 +8,7 @@ For each device count D, a fresh process is started with D devices (on a CPU, si
   * data parallel, `data=D, model=1`: the batch rows split over D devices, the parameters
     replicated, the gradients all-reduced;
   * vocabulary parallel, `data=1, model=D`: the output table (and embedding) split along V, the
-    full softmax computed vocabulary-parallel (`softmax_alts.vocab_parallel_full`);
+    full softmax computed vocabulary-parallel (`softmax_alts.full(mesh=...)`);
   * both, `data=D/2, model=2` (D >= 4);
 
 and, with one device, the plain `train.make_train_step` (no mesh) as the reference. The model is

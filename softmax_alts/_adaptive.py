@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_alts import _lse
-from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
-                                layer_functions, init_function)
+from softmax_alts._base import (OutputLayer, check_divisible, check_options, init_function,
+                                layer_functions)
 
 
 class AdaptiveParams(NamedTuple):
@@ -109,10 +109,7 @@ def adaptive(cutoffs: Sequence[int], *, div_value: float = 4.0, head_bias: bool 
   cuts = _check_cutoffs(cutoffs)
   if isinstance(div_value, bool) or not isinstance(div_value, (int, float)) or not div_value > 0:
     raise ValueError(f"`div_value` must be a positive number; got {div_value!r}.")
-  _lse.check_strategy(strategy)
-  check_positive_int(block_rows, "block_rows")
-  check_positive_int(tile_rows, "tile_rows")
-  shards = check_mesh(mesh, axis)
+  shards = check_options(strategy, mesh, axis, block_rows=block_rows, tile_rows=tile_rows)
   shortlist, num_clusters = cuts[0], len(cuts)
   head_size = shortlist + num_clusters
 

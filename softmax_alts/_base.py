@@ -72,14 +72,6 @@ class OutputLayer(NamedTuple):
   row_sparse: RowSparse | None = None
 
 
-def check_hidden(hidden, name: str = "hidden") -> None:
-  """Raises `ValueError` unless `hidden` is a floating `[N, H]` array (checked at trace time)."""
-  if jnp.ndim(hidden) != 2:
-    raise ValueError(f"`{name}` must be [N, H] or [H]; got shape {jnp.shape(hidden)}.")
-  if not jnp.issubdtype(jnp.result_type(hidden), jnp.floating):
-    raise ValueError(f"`{name}` must be floating; got dtype {jnp.result_type(hidden)}.")
-
-
 def check_targets(targets, vocab_size: int, num_rows: int | None = None,
                   name: str = "targets", where=None) -> jax.Array:
   """Checks `targets` and returns a mask of the ids inside `[0, vocab_size)`.
@@ -133,12 +125,6 @@ def finish(values, valid, where):
   return values if where is None else jnp.where(where, values, jnp.zeros((), values.dtype))
 
 
-def nan_where_invalid(values: jax.Array, valid: jax.Array) -> jax.Array:
-  """Returns `values` with NaN where `valid` is False (broadcast over trailing axes)."""
-  valid = valid.reshape(valid.shape + (1,) * (values.ndim - valid.ndim))
-  return jnp.where(valid, values, jnp.asarray(jnp.nan, values.dtype))
-
-
 def batch(hidden, targets=None, where=None):
   """`(hidden [N, H], targets [N], where, unbatched)`: a single `hidden [H]` (with a scalar
   target and mask) becomes a batch of one, to be undone with `unbatch`."""
@@ -154,7 +140,10 @@ def batch(hidden, targets=None, where=None):
       targets = jnp.reshape(targets, (1,))
     if where is not None:
       where = jnp.reshape(where, (1,))
-  check_hidden(hidden)
+  if jnp.ndim(hidden) != 2:
+    raise ValueError(f"`hidden` must be [N, H] or [H]; got shape {jnp.shape(hidden)}.")
+  if not jnp.issubdtype(hidden.dtype, jnp.floating):
+    raise ValueError(f"`hidden` must be floating; got dtype {hidden.dtype}.")
   return hidden, targets, where, unbatched
 
 
@@ -234,8 +223,16 @@ def init_function(draw: Callable) -> Callable:
   return jax.jit(init, static_argnums=(1, 2), static_argnames=("param_dtype", "dtype"))
 
 
-def check_mesh(mesh, axis) -> int:
-  """The size of `axis` in `mesh` (1 without a mesh), after checking both (`ValueError`)."""
+def check_options(strategy, mesh, axis, **knobs) -> int:
+  """Checks a factory's options of the log-sum-exp primitive (`strategy`, the mesh and its axis,
+  positive-int `knobs` such as `block_rows`, None allowed); returns the size of the mesh axis (1
+  without a mesh)."""
+  if strategy is not None and strategy not in ("stream", "materialize"):
+    raise ValueError(f"`strategy` must be None or one of ('stream', 'materialize'); got "
+                     f"{strategy!r}.")
+  for name, value in knobs.items():
+    if value is not None:
+      check_positive_int(value, name)
   if mesh is None:
     return 1
   if not isinstance(mesh, Mesh):

@@ -9,8 +9,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from softmax_alts import _lse
-from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
-                                layer_functions, init_function)
+from softmax_alts._base import (OutputLayer, check_divisible, check_options, init_function,
+                                layer_functions)
 from softmax_alts._trees import _check_counts
 
 
@@ -122,11 +122,7 @@ def class_based(counts, num_classes: int, *, strategy: str | None = None, block_
   starts = bounds[:-1].astype(np.int32)
   sizes = np.diff(bounds).astype(np.int32)
   class_of = np.repeat(np.arange(num_classes, dtype=np.int32), sizes)       # [V]
-  _lse.check_strategy(strategy)
-  check_positive_int(block_rows, "block_rows")
-  if tile_rows is not None:
-    check_positive_int(tile_rows, "tile_rows")
-  shards = check_mesh(mesh, axis)
+  shards = check_options(strategy, mesh, axis, block_rows=block_rows, tile_rows=tile_rows)
 
   @init_function
   def init(key, hidden_size: int, vocab_size: int, dtype) -> ClassBasedParams:

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_alts import _lse
-from softmax_alts._base import (OutputLayer, check_divisible, check_mesh, check_positive_int,
-                                layer_functions, init_function)
+from softmax_alts._base import (OutputLayer, check_divisible, check_options, init_function,
+                                layer_functions)
 from softmax_alts._trees import _check_counts
 
 
@@ -89,9 +89,7 @@ def differentiated(counts, bands, *, strategy: str | None = None, block_rows: in
   """
   num_words = _check_counts(counts).shape[0]
   pairs = _check_bands(bands, num_words)
-  _lse.check_strategy(strategy)
-  check_positive_int(block_rows, "block_rows")
-  shards = check_mesh(mesh, axis)
+  shards = check_options(strategy, mesh, axis, block_rows=block_rows)
   width = sum(d for _, d in pairs)
   dim_offsets = np.concatenate([[0], np.cumsum([d for _, d in pairs])]).tolist()
   word_offsets = np.concatenate([[0], np.cumsum([w for w, _ in pairs])]).tolist()

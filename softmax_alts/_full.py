@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from softmax_alts import _lse
-from softmax_alts._base import (OutputLayer, check_divisible, check_hidden, check_mesh,
-                                check_positive_int, init_function, layer_functions)
+from softmax_alts._base import (OutputLayer, check_divisible, check_options, check_positive_int,
+                                init_function, layer_functions)
 
 
 class FullParams(NamedTuple):
@@ -26,11 +26,6 @@ class FullParams(NamedTuple):
 
   w: jax.Array
   b: jax.Array
-
-
-def check_chunk_size(chunk_size) -> int | None:
-  """Returns `chunk_size` after checking it is None or a positive int (else `ValueError`)."""
-  return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
 
 
 @init_function
@@ -67,7 +62,6 @@ def init_full_params(key: jax.Array, hidden_size: int, vocab_size: int, dtype) -
 
 def check_params(params: FullParams, hidden) -> int:
   """Checks `params` against `hidden [N, H]` at trace time and returns V."""
-  check_hidden(hidden)
   w, b = params
   if jnp.ndim(w) != 2:
     raise ValueError(f"`params.w` must be [V, H]; got shape {jnp.shape(w)}.")
@@ -96,13 +90,10 @@ class FullSoftmax(NamedTuple):
 def full_softmax(*, chunk_size=None, strategy=None, block_rows: int = 2048, mesh=None,
                  axis: str = "model") -> FullSoftmax:
   """The checked `FullSoftmax` for `full`'s options (see there)."""
-  check_chunk_size(chunk_size)
-  _lse.check_strategy(strategy)
-  check_positive_int(block_rows, "block_rows")
+  shards = check_options(strategy, mesh, axis, chunk_size=chunk_size, block_rows=block_rows)
   if chunk_size is not None and strategy == "materialize":
     raise ValueError("`chunk_size` streams the vocabulary in blocks to bound the memory; it "
                      "takes strategy='stream' or None, not 'materialize'.")
-  shards = check_mesh(mesh, axis)
 
   def check(params, hidden):
     vocab_size = check_params(params, hidden)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_alts._base import (OutputLayer, RowLoss, RowSparse, check_targets, check_where,
-                                layer_functions, init_function)
+                                init_function, layer_functions)
 from softmax_alts._lse import accumulation_dtype, common_dtype, logits
 from softmax_alts._trees import Tree, check_tree
 

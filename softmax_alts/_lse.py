@@ -40,9 +40,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-STRATEGIES = ("stream", "materialize")
-
-
 class Plan(NamedTuple):
   """Static settings of one call (see `lse_and_target`)."""
   strategy: str
@@ -52,13 +49,6 @@ class Plan(NamedTuple):
   span: int | None
   mesh: Any
   axis: str | None
-
-
-def check_strategy(strategy) -> str | None:
-  """Returns `strategy` after checking it is None or one of `STRATEGIES` (else `ValueError`)."""
-  if strategy is not None and strategy not in STRATEGIES:
-    raise ValueError(f"`strategy` must be None or one of {STRATEGIES}; got {strategy!r}.")
-  return strategy
 
 
 def default_strategy(num_rows: int, num_words: int, *, ranges: bool = False) -> str:
@@ -557,8 +547,7 @@ def lse_and_target(hidden, w, b, targets, lo=None, hi=None, *, strategy: str | N
   if not split(mesh, axis):
     mesh = axis = None
   num_rows, num_words = hidden.shape[0], w.shape[0]
-  strategy = check_strategy(strategy) or default_strategy(num_rows, num_words,
-                                                          ranges=lo is not None)
+  strategy = strategy or default_strategy(num_rows, num_words, ranges=lo is not None)
   if lo is not None and strategy == "stream" and tile_rows is None:
     raise ValueError("`tile_rows` is required by the stream strategy with ranges.")
   dtype = accumulation_dtype(hidden, w)

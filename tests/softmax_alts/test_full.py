@@ -169,3 +169,10 @@ def test_bad_inputs(key):
     layer.init(key, 4, 0)
   with pytest.raises(ValueError, match="hidden_size"):
     layer.init(key, -1, 5)
+
+
+def test_default_strategy_by_backend_and_size():
+  assert jax.default_backend() == "cpu"  # the suite runs on CPU
+  assert softmax_alts.default_strategy(16, 1000) == "materialize"  # small logits
+  assert softmax_alts.default_strategy(1024, 100_000) == "stream"  # beyond the cache budget
+  assert softmax_alts.default_strategy(16, 1000, ranges=True) == "stream"  # skips other ranges

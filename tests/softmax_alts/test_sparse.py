@@ -288,3 +288,22 @@ def test_a_replaced_loss_is_never_trained_by_the_old_row_form(key):
   assert softmax_alts.has_row_sparse_path(both)
   loss, _, _ = softmax_alts.sparse_loss_and_grads(both, params, hidden, targets, key=key)
   np.testing.assert_allclose(loss, half_loss(params, hidden, targets, key=key), rtol=1e-6)
+
+
+def test_where_masks_rows_of_the_row_sparse_path(key):
+  layer = LAYERS["sampled"]()
+  params, hidden, targets = _inputs(key, 6, 4, VOCAB)
+  where = jnp.asarray([True, False, True, True, True, False])
+  padded = targets.at[1].set(-1).at[5].set(VOCAB)
+  loss, hidden_grad, rows = softmax_alts.sparse_loss_and_grads(
+      layer, params, hidden, padded, key=key, where=where)
+  np.testing.assert_allclose(loss, layer.loss(params, hidden, padded, key=key, where=where),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(loss)[[1, 5]], 0.0)
+  np.testing.assert_array_equal(np.asarray(hidden_grad)[[1, 5]], 0.0)
+  np.testing.assert_array_equal(np.asarray(rows.ids)[[1, 5]], VOCAB)  # dropped on update
+  dense = jax.grad(lambda p: jnp.mean(layer.loss(p, hidden, padded, key=key, where=where)))(
+      params)
+  chex.assert_trees_all_close(softmax_alts.apply_row_update(params, rows, 0.5),
+                              jax.tree.map(lambda p, g: p - 0.5 * g, params, dense),
+                              rtol=1e-5, atol=1e-6)
