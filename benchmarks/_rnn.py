@@ -1,12 +1,15 @@
-"""The `rnn` suite: LSTM and GRU speed against PyTorch and Flax, and memory with `remat`.
+"""The `rnn` suite: LSTM and GRU speed against PyTorch and Flax, memory with `remat`, and minGRU /
+minLSTM unrolled by the scan or in parallel over time.
 
-Part 1, speed. For every shape (B, T, D=H) and each of LSTM and GRU, four variants run the same
+Part 1, speed. For every shape (B, T, D=H) and each of LSTM and GRU, six variants run the same
 weights (PyTorch's initialisation, copied with `rnn.from_torch` and mapped onto Flax's names):
 
   * `ours-autodiff`: `rnn.unroll(cell, params, xs, state, grad="autodiff")`;
   * `ours-manual`: the same with `grad="manual"` (hand-derived BPTT as a `custom_vjp`);
+  * `ours-autodiff-bf16`, `ours-manual-bf16`: the same with the weights and `xs` in bfloat16
+    (GEMMs accumulating in float32; the point-wise part and the LSTM's memory in float32);
   * `flax`: `flax.linen.RNN(flax.linen.OptimizedLSTMCell(H))` / `flax.linen.GRUCell(H)`;
-  * `torch`: `torch.nn.LSTM` / `torch.nn.GRU` (`batch_first=True`), eager.
+  * `torch`: `torch.nn.LSTM` / `torch.nn.GRU` (`batch_first=True`), eager, float32.
 
 "fwd" runs the layer (torch under `no_grad`); "fwd+bwd" computes the loss
 `L = mean(ys * R)` (R a fixed random `[B, T, H]` tensor) and its gradient with respect to every
@@ -18,6 +21,10 @@ Before timing, outputs and gradients of every variant are compared with torch's 
 Part 2, memory. A long sequence (T = 1000) fwd+bwd for ours with and without `remat`,
 autodiff and manual, with Flax and torch beside: XLA's buffer assignment for the JAX variants
 and the measured RSS increase of one step in a fresh process for all (see `_harness`).
+
+Part 3, parallel in time. `rnn.min_gru` and `rnn.min_lstm` (Feng et al. 2024), whose gates read
+only the input, fwd and fwd+bwd at T = 100 and 1,000, unrolled by `jax.lax.scan` (`scan`) and by
+`jax.lax.associative_scan` (`unroll(..., parallel=True)`: `parallel`), float32.
 """
 
 from __future__ import annotations
@@ -35,10 +42,14 @@ FULL_SHAPES = ((20, 35, 650), (64, 100, 512), (32, 200, 1024))
 QUICK_SHAPES = ((8, 20, 128),)
 FULL_MEMORY = (20, 1000, 256)    # (B, T, H=D)
 QUICK_MEMORY = (4, 200, 64)
+FULL_MIN = ((32, 100, 512), (32, 1000, 512))    # (B, T, H=D)
+QUICK_MIN = ((4, 100, 64), (4, 1000, 64))
 CELLS = ("lstm", "gru")
-OURS = ("ours-autodiff", "ours-manual")
+MIN_CELLS = ("min_gru", "min_lstm")
+MIN_VARIANTS = ("scan", "parallel")
+OURS = ("ours-autodiff", "ours-manual", "ours-autodiff-bf16", "ours-manual-bf16")
 VARIANTS = OURS + ("flax", "torch")
-CELL_NAMES = {"lstm": "LSTM", "gru": "GRU"}
+CELL_NAMES = {"lstm": "LSTM", "gru": "GRU", "min_gru": "minGRU", "min_lstm": "minLSTM"}
 BUDGET_S = 90.0    # seconds of timed rounds per measurement, beyond which rounds are cut ...
 MIN_REPEATS = 5    # ... but never below this many
 
@@ -68,7 +79,8 @@ def _torch_tensors(layer) -> dict[str, np.ndarray]:
 
 def _ours(kind: str, H: int):
   import rnn
-  return rnn.lstm(H) if kind == "lstm" else rnn.gru(H)
+  return {"lstm": rnn.lstm, "gru": rnn.gru, "min_gru": rnn.min_gru,
+          "min_lstm": rnn.min_lstm}[kind](H)
 
 
 def _flax_module(kind: str, H: int):
@@ -120,16 +132,22 @@ def _flax_grads_to_torch(kind: str, g: dict[str, Any]) -> dict[str, np.ndarray]:
           "bias_hh_l0": np.concatenate([c["ir"]["bias"], c["iz"]["bias"], c["hn"]["bias"]])}
 
 
-def _jax_fns(variant: str, kind: str, H: int, r: jax.Array, *, remat: bool = False):
+def _dtype(variant: str):
+  """The dtype of a variant's weights and inputs."""
+  return jnp.bfloat16 if variant.endswith("-bf16") else jnp.float32
+
+
+def _jax_fns(variant: str, kind: str, H: int, r: jax.Array, *, remat: bool = False,
+             parallel: bool = False):
   """`(fwd(params, xs) -> ys, fwdbwd(params, xs) -> (loss, (d_params, d_xs)))` for a variant."""
-  if variant in OURS:
+  if variant in OURS or kind in MIN_CELLS:
     import rnn
     cell = _ours(kind, H)
-    mode = variant.split("-")[1]
+    mode = variant.split("-")[1] if variant in OURS else "autodiff"
 
     def fwd(params, xs):
       state = cell.initial_state(params, xs.shape[:1])
-      return rnn.unroll(cell, params, xs, state, grad=mode, remat=remat)[0]
+      return rnn.unroll(cell, params, xs, state, grad=mode, remat=remat, parallel=parallel)[0]
   else:
     module = _flax_module(kind, H)
 
@@ -137,7 +155,7 @@ def _jax_fns(variant: str, kind: str, H: int, r: jax.Array, *, remat: bool = Fal
       return module.apply(params, xs)
 
   def loss(params, xs):
-    return jnp.mean(fwd(params, xs) * r)
+    return jnp.mean(fwd(params, xs).astype(jnp.float32) * r)
 
   return fwd, jax.value_and_grad(loss, argnums=(0, 1))
 
@@ -145,7 +163,8 @@ def _jax_fns(variant: str, kind: str, H: int, r: jax.Array, *, remat: bool = Fal
 def _jax_params(variant: str, kind: str, H: int, tensors):
   if variant in OURS:
     import rnn
-    return rnn.from_torch(_ours(kind, H), tensors)
+    params = rnn.from_torch(_ours(kind, H), tensors)
+    return jax.tree.map(lambda a: a.astype(_dtype(variant)), params)
   return _flax_params(kind, tensors)
 
 
@@ -198,6 +217,17 @@ def _agreement(variant, kind, H, jax_out, jax_grads, torch_ys, torch_dx, torch_d
 # --------------------------------------------------------------------------------------------
 # Part 1: speed.
 
+def _time_both(bar, label: str, fwd_calls: dict, bwd_calls: dict, repeats: int, warmup: int,
+               budget: float | None):
+  """`(fwd_stats, fwdbwd_stats)`: the variants' fwd calls interleaved, then their fwd+bwd calls."""
+  stats = []
+  for what, calls in (("fwd", fwd_calls), ("fwd+bwd", bwd_calls)):
+    bar.set_postfix_str(f"{label} {what}")
+    stats.append(h.interleave(calls, repeats=repeats, warmup=warmup, budget_s=budget,
+                              min_repeats=MIN_REPEATS, bar=bar))
+  return tuple(stats)
+
+
 def _speed(ctx: h.Context, bar, B: int, T: int, D: int, kind: str, repeats: int,
            warmup: int, budget: float | None) -> list[dict]:
   H = D
@@ -217,26 +247,23 @@ def _speed(ctx: h.Context, bar, B: int, T: int, D: int, kind: str, repeats: int,
   bwd_calls: dict[str, Any] = {}
   for variant in VARIANTS[:-1]:
     params = _jax_params(variant, kind, H, tensors)
+    x = xs.astype(_dtype(variant))
     fwd, fwdbwd = _jax_fns(variant, kind, H, r)
-    cf = h.aot(fwd, params, xs, bar=bar)
-    cb = h.aot(fwdbwd, params, xs, bar=bar)
-    ys = cf.call(params, xs)
-    _, grads = cb.call(params, xs)
+    cf = h.aot(fwd, params, x, bar=bar)
+    cb = h.aot(fwdbwd, params, x, bar=bar)
+    ys = cf.call(params, x)
+    _, grads = cb.call(params, x)
     rows[variant] = {"compile_fwd_s": cf.compile_s, "compile_fwdbwd_s": cb.compile_s,
                      **_agreement(variant, kind, H, ys, grads, torch_ys, torch_dx, torch_dw)}
-    fwd_calls[variant] = (lambda c, p: lambda: c(p, xs))(cf.call, params)
-    bwd_calls[variant] = (lambda c, p: lambda: c(p, xs))(cb.call, params)
+    fwd_calls[variant] = (lambda c, p, x: lambda: c(p, x))(cf.call, params, x)
+    bwd_calls[variant] = (lambda c, p, x: lambda: c(p, x))(cb.call, params, x)
   rows["torch"] = {"compile_fwd_s": None, "compile_fwdbwd_s": None,
                    "ys_max_abs_diff": 0.0, "grad_max_rel_diff": 0.0}
   fwd_calls["torch"] = t_fwd
   bwd_calls["torch"] = t_fwdbwd
 
-  bar.set_postfix_str(f"{CELL_NAMES[kind]} {(B, T, D)} fwd")
-  fwd_stats = h.interleave(fwd_calls, repeats=repeats, warmup=warmup, budget_s=budget,
-                           min_repeats=MIN_REPEATS, bar=bar)
-  bar.set_postfix_str(f"{CELL_NAMES[kind]} {(B, T, D)} fwd+bwd")
-  bwd_stats = h.interleave(bwd_calls, repeats=repeats, warmup=warmup, budget_s=budget,
-                           min_repeats=MIN_REPEATS, bar=bar)
+  fwd_stats, bwd_stats = _time_both(bar, f"{CELL_NAMES[kind]} {(B, T, D)}", fwd_calls, bwd_calls,
+                                    repeats, warmup, budget)
 
   out = []
   tokens = B * T
@@ -323,6 +350,57 @@ def _memory(ctx: h.Context, bar, kind: str, B: int, T: int, H: int, repeats: int
 
 
 # --------------------------------------------------------------------------------------------
+# Part 3: minGRU / minLSTM, the scan against the associative scan.
+
+def _minimal(ctx: h.Context, bar, kind: str, B: int, T: int, H: int, repeats: int,
+             warmup: int, budget: float | None) -> list[dict]:
+  xs_np, r_np = _inputs(B, T, H, H, ctx.seed)
+  xs, r = jnp.asarray(xs_np), jnp.asarray(r_np)
+  params = _ours(kind, H).init(jax.random.key(ctx.seed), H)
+  rows: dict[str, dict] = {}
+  fwd_calls: dict[str, Any] = {}
+  bwd_calls: dict[str, Any] = {}
+  outputs = {}
+  for variant in MIN_VARIANTS:
+    fwd, fwdbwd = _jax_fns(variant, kind, H, r, parallel=variant == "parallel")
+    cf = h.aot(fwd, params, xs, bar=bar)
+    cb = h.aot(fwdbwd, params, xs, bar=bar)
+    outputs[variant] = (cf.call(params, xs), cb.call(params, xs)[1])
+    rows[variant] = {"cell": kind, "shape": [B, T, H], "variant": variant,
+                     "compile_fwd_s": cf.compile_s, "compile_fwdbwd_s": cb.compile_s}
+    fwd_calls[variant] = (lambda c: lambda: c(params, xs))(cf.call)
+    bwd_calls[variant] = (lambda c: lambda: c(params, xs))(cb.call)
+  (ys_s, g_s), (ys_p, g_p) = outputs["scan"], outputs["parallel"]
+  rows["parallel"]["ys_max_abs_diff"] = _max_abs(ys_p, ys_s)
+  rows["parallel"]["grad_max_rel_diff"] = max(
+      _rel(a, b) for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_s)))
+  fwd_stats, bwd_stats = _time_both(bar, f"{CELL_NAMES[kind]} {(B, T, H)}", fwd_calls, bwd_calls,
+                                    repeats, warmup, budget)
+  for variant, row in rows.items():
+    row.update(fwd_stats=fwd_stats[variant], fwdbwd_stats=bwd_stats[variant],
+               fwd_tok_s=fwd_stats[variant].rate(B * T),
+               fwdbwd_tok_s=bwd_stats[variant].rate(B * T),
+               fwd_vs_scan=fwd_stats["scan"].median / fwd_stats[variant].median,
+               fwdbwd_vs_scan=bwd_stats["scan"].median / bwd_stats[variant].median)
+  return list(rows.values())
+
+
+def _minimal_table(rows: list[dict]) -> str:
+  out = []
+  for row in rows:
+    tokens = row["shape"][0] * row["shape"][1]
+    agree = ("reference" if row["variant"] == "scan" else
+             f"{row['ys_max_abs_diff']:.1e} / {row['grad_max_rel_diff']:.1e}")
+    out.append((CELL_NAMES[row["cell"]], "({}, {}, {})".format(*row["shape"]), row["variant"],
+                h.fmt_stat(row["fwd_stats"], tokens), h.fmt_stat(row["fwdbwd_stats"], tokens),
+                h.fmt_ratio(row["fwd_vs_scan"]), h.fmt_ratio(row["fwdbwd_vs_scan"]),
+                f"{row['compile_fwd_s']:.2f} / {row['compile_fwdbwd_s']:.2f}", agree))
+  return h.md_table(["cell", "(B, T, D=H)", "unroll", "fwd tok/s", "fwd+bwd tok/s",
+                     "fwd vs scan", "fwd+bwd vs scan", "compile s (fwd / fwd+bwd)",
+                     "max diff vs scan (ys abs / grads rel)"], out)
+
+
+# --------------------------------------------------------------------------------------------
 # Output.
 
 def _speed_table(rows: list[dict]) -> str:
@@ -389,6 +467,7 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
     raise RuntimeError("the rnn suite compares against PyTorch; install torch (CPU build).")
   shapes = QUICK_SHAPES if ctx.quick else FULL_SHAPES
   mem_shape = QUICK_MEMORY if ctx.quick else FULL_MEMORY
+  min_shapes = QUICK_MIN if ctx.quick else FULL_MIN
   mem_cells = ("lstm",) if ctx.quick else CELLS
   repeats = ctx.repeats(full=20, quick=5)
   warmup = 1 if ctx.quick else 3
@@ -397,10 +476,12 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
   n_mem_jax = sum(v != "torch" for v, _ in MEMORY_VARIANTS)
   total = (len(shapes) * len(CELLS) * (2 * n_jax + 2 * (warmup + repeats) * len(VARIANTS))
            + len(mem_cells) * (n_mem_jax + len(MEMORY_VARIANTS)
-                               + (1 + mem_repeats) * len(MEMORY_VARIANTS)))
+                               + (1 + mem_repeats) * len(MEMORY_VARIANTS))
+           + len(min_shapes) * len(MIN_CELLS) * len(MIN_VARIANTS) * (2 + 2 * (warmup + repeats)))
   bar = ctx.progress("rnn", total)
   speed_rows: list[dict] = []
   memory_rows: list[dict] = []
+  min_rows: list[dict] = []
   try:
     for (B, T, D) in shapes:
       for kind in CELLS:
@@ -408,6 +489,9 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
                              ctx.budget(BUDGET_S))
     for kind in mem_cells:
       memory_rows += _memory(ctx, bar, kind, *mem_shape, mem_repeats, 1)
+    for (B, T, H) in min_shapes:
+      for kind in MIN_CELLS:
+        min_rows += _minimal(ctx, bar, kind, B, T, H, repeats, warmup, ctx.budget(BUDGET_S))
   finally:
     bar.close()
 
@@ -415,7 +499,7 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
   md = ctx.header(
       "rnn: LSTM and GRU speed and memory against PyTorch and Flax",
       shapes=f"(B, T, D=H) in {shapes_s}; memory at (B, T, D=H) = {tuple(mem_shape)}",
-      dtype="float32",
+      dtype="float32 (torch, Flax, ours); bfloat16 weights and inputs for ours-*-bf16",
       seeds=f"{ctx.seed} (inputs, loss weights R and torch's initialisation, copied to all)",
       method=(f"median of n timed rounds after {warmup} warm-up round(s), n = {repeats} or, where "
               f"those would take over {BUDGET_S:.0f} s, as many as fit but at least "
@@ -436,9 +520,16 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
          "built and, for JAX, compiled; one warm-up step run). Speed vs ours-autodiff: its median "
          "time without remat / the variant's (above 1: faster). Times are medians of "
          f"{mem_repeats} interleaved calls.\n\n" + _memory_table(memory_rows))
+  min_s = ", ".join("({}, {}, {})".format(*s) for s in min_shapes)
+  md += ("\n## minGRU and minLSTM: the scan against the associative scan\n\n"
+         f"(B, T, D=H) in {min_s}, float32, our own initialisation; `scan`: `rnn.unroll` (a "
+         "`jax.lax.scan` over the steps), `parallel`: `rnn.unroll(..., parallel=True)` (the "
+         "linear recurrence h_t = a_t h_(t-1) + b_t by `jax.lax.associative_scan`); same timing "
+         "method and loss as above; vs scan: the scan's median time / the variant's.\n\n"
+         + _minimal_table(min_rows))
   fig = _plot(speed_rows, shapes)
-  paths = ctx.write("rnn", md, {"speed": speed_rows, "memory": memory_rows},
-                    figures={"speed": fig})
+  paths = ctx.write("rnn", md, {"speed": speed_rows, "memory": memory_rows,
+                                "minimal": min_rows}, figures={"speed": fig})
 
   summary = []
   B, T, D = shapes[-1]
@@ -453,8 +544,15 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
     summary.append(h.SummaryRow(
         "rnn", f"{CELL_NAMES[kind]} T={mem_shape[1]} XLA total, remat off -> on",
         "; ".join(f"{v} {h.fmt_bytes(mem[(v, False)]['xla'].get('total'))} -> "
-                  f"{h.fmt_bytes(mem[(v, True)]['xla'].get('total'))}" for v in OURS)))
-  worst = max((max(r["ys_max_abs_diff"], r["grad_max_rel_diff"]) for r in speed_rows))
-  summary.append(h.SummaryRow("rnn", "max disagreement with torch", f"{worst:.1e}"))
+                  f"{h.fmt_bytes(mem[(v, True)]['xla'].get('total'))}"
+                  for v in ("ours-autodiff", "ours-manual"))))
+  worst = max((max(r["ys_max_abs_diff"], r["grad_max_rel_diff"]) for r in speed_rows
+               if not r["variant"].endswith("-bf16")))
+  summary.append(h.SummaryRow("rnn", "max disagreement with torch (float32)", f"{worst:.1e}"))
+  for kind in MIN_CELLS:
+    par = [r for r in min_rows if r["cell"] == kind and r["variant"] == "parallel"]
+    summary.append(h.SummaryRow(
+        "rnn", f"{CELL_NAMES[kind]} fwd+bwd, parallel vs scan",
+        ", ".join(f"T={r['shape'][1]} {h.fmt_ratio(r['fwdbwd_vs_scan'])}" for r in par)))
   summary.append(h.SummaryRow("rnn", "table", h.display_path(paths[0])))
   return summary

@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from rnn._cells import Cell
-from rnn._unroll import _check_unroll_args, _from_time_major, _scan_steps, _step_mask
-from rnn._unroll import _to_time_major
+from rnn._cells import Cell, accumulation_dtype
+from rnn._unroll import _check_cell_args, _from_time_major, _scan_steps, _to_time_major, prepare
 
 
 def gradient_norms(cell: Cell, params, xs: jax.Array, state, loss_fn, *, lengths=None,
@@ -20,7 +19,8 @@ def gradient_norms(cell: Cell, params, xs: jax.Array, state, loss_fn, *, lengths
   more slowly through an LSTM's memory with its forget gate open.
 
   Args:
-    cell: a single cell (`rnn.simple`, `rnn.lstm` or `rnn.gru`).
+    cell: a single `rnn.Cell` whose state has a `hidden` field (e.g. `rnn.simple`, `rnn.lstm`,
+      `rnn.gru`).
     params: its params.
     xs: `[B, T, D]` inputs (`[T, B, D]` with `time_major`).
     state: the initial state.
@@ -36,12 +36,15 @@ def gradient_norms(cell: Cell, params, xs: jax.Array, state, loss_fn, *, lengths
     Pascanu, Mikolov and Bengio, On the difficulty of training recurrent neural networks, 2013.
       https://arxiv.org/abs/1211.5063
   """
-  if cell.kind not in ("simple", "lstm", "gru"):
-    raise ValueError(f"`cell` must be a single cell (simple, lstm or gru); got {cell.kind!r}.")
-  batch_shape = _check_unroll_args(cell, xs, state, lengths, time_major, 1, "autodiff", None)
+  if not isinstance(cell, Cell):
+    raise ValueError(f"`cell` must be a single cell (an rnn.Cell, not a layer); got "
+                     f"{type(cell).__name__}.")
+  _check_cell_args(cell, params, xs, state, lengths, None, time_major=time_major, unroll=1,
+                   grad="autodiff", clip_delta=None, parallel=False)
+  xs, state, mask, _, _ = prepare(cell, params, xs, state, lengths=lengths, resets=None,
+                                  reverse=reverse, time_major=time_major)
   xs_tm = _to_time_major(xs, time_major)
   num_steps = xs_tm.shape[0]
-  mask = _step_mask(lengths, num_steps, batch_shape)
   xw = cell.project(params, xs_tm)
 
   def loss_of_offsets(offsets):
@@ -49,7 +52,7 @@ def gradient_norms(cell: Cell, params, xs: jax.Array, state, loss_fn, *, lengths
                             remat=False, offsets=offsets)
     return loss_fn(_from_time_major(ys, time_major), final)
 
-  dtype = jax.tree.leaves(params)[0].dtype
-  offsets = jnp.zeros((num_steps,) + batch_shape + (cell.output_size,), dtype)
+  offsets = jnp.zeros((num_steps,) + xs_tm.shape[1:-1] + (cell.output_size,), state.hidden.dtype)
   grads = jax.grad(loss_of_offsets)(offsets)
-  return jnp.sqrt(jnp.sum(grads.reshape(num_steps, -1) ** 2, axis=1))
+  grads = grads.reshape(num_steps, -1).astype(accumulation_dtype(grads.dtype))
+  return jnp.sqrt(jnp.sum(grads ** 2, axis=1))

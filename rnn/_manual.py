@@ -1,205 +1,57 @@
-"""Hand-derived BPTT: a `jax.custom_vjp` over the whole layer, as cuDNN organises it.
+"""Hand-derived BPTT: a `jax.custom_vjp` over the whole layer, as cuDNN organises it, for any cell
+that gives its `Pointwise` parts.
 
-The custom_vjp covers the input projection too. The forward pass is one GEMM for every step's
-input products (`xs @ W_ih.T`, bias not yet added), then a loop over time that adds the bias
-inside the step (where it fuses with the gate arithmetic instead of costing a pass over
-`[T, B, G]`) and stores, per step, the state before the step and the gate activations. The
-backward pass is the textbook BPTT recursion (Werbos 1990): a reverse loop whose carry is only
-the error signal `dL/dstate_t`; each step turns it into the gradient of the gate pre-activations
-`dxw_t` and sends it one step back through `W_hh`. The weight gradients are then single GEMMs over
-all `T * B` rows at once instead of `T` small products accumulated inside the loop; for the Elman
-RNN and the LSTM, whose `dW_hh` and `dW_ih` share the left operand `dxw`, one GEMM gives both:
-`dxw.T @ [xs | h_prev]`.
+The recursion and every GEMM are written here once; a cell contributes only its point-wise math
+(`Pointwise.update`), whose derivatives come from `jax.vjp`. Per step t:
+
+```
+hw_t = h_{t-1} @ W.T;   a_t = combine(xw_t, hw_t);   state_t, y_t = update(params, a_t, state_{t-1})
+```
+
+The forward pass is one call of `project` for every step's input products, then a loop over time
+that stores, per step, the state before the step and the pre-activations `a_t`. The backward pass
+is the textbook BPTT recursion (Werbos 1990): a reverse loop whose carry is only the error signal
+`dL/dstate_t`; each step takes `jax.vjp` of `update` at the stored `a_t` (recomputing the
+point-wise part, not storing its intermediates), transposes `combine` to split `da_t` into the
+input and recurrent products' cotangents `dxw_t`, `dhw_t`, and sends `dhw_t` one step back through
+`W`. The weight gradients are then GEMMs over all `T * B` rows at once instead of `T` small
+products accumulated inside the loop: `dW = dhw.T @ h_prev`, and `jax.vjp` of `project` for the
+input weights, biases and `dxs`. Parameters that `update` reads itself (the GRU's `b_hn`, the
+LSTMP projection) get their gradient from the per-step `jax.vjp`, summed in the loop's carry.
 
 With `remat`, the forward pass stores only the state before each step, and the backward loop
 runs each step again, its input product included, so nothing `[T, B, G]` is stored between the
-passes (the forward's `xw` and the backward's `dxw` still count in the peak).
+passes (the forward's `xw` and the backward's `da` still count in the peak).
 
 The loops index the time axis where it lies (batch-major `[B, T, ...]` by default), so neither
 the inputs nor the outputs are transposed, and `reverse` is a reversed index, not a flipped copy.
-
-Per cell the module defines three functions on flat `[B, n]` arrays:
-
-- `forward(rp, state_tm1, xw_t) -> (state_t, y_t, residuals_t)`
-- `backward(rp, rpt, residuals_t, state_tm1, dstate_t) -> (dstate_tm1, dxw_t, outs_t)`, where
-  `dstate_t` already includes `dL/dy_t`, and `outs_t` holds what the recurrent weight gradients
-  need besides `dxw`;
-- `finish(rp, dxw, outs, states_tm1, dw_hh) -> d rp`, the GEMMs over all steps (`dw_hh` is given
-  when the layer computed it with `dW_ih`).
-
-`rp` holds the recurrent parameters only; `rpt` their transposes, made once per backward pass
-so every per-step product contracts the weights' last axis (XLA's fast orientation on CPU).
+Padded steps (`mask`) and resets (`before`) are handled as in the scan: a reset step reads the
+initial state `init`, a padded step keeps the state; their transposes route the error signal.
 """
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Literal
 
-from rnn._cells import (Cell, GRUState, LSTMState, SimpleState, _add_bias, _dense, _gru_input_bias,
-                        _lstm_gates, _select, _summed_bias)
+from rnn._cells import Cell, _dense, _select, accumulation_dtype, apply_update, masked_step
 
 
 def _sum_outer(a: jax.Array, b: jax.Array) -> jax.Array:
-  """`sum_{t, b} a[t, b, :, None] * b[t, b, None, :]`: one `[G, TB] x [TB, H]` GEMM."""
-  a2 = a.reshape(-1, a.shape[-1])
+  """`sum_rows a[row, :, None] * b[row, None, :]`: one `[G, rows] x [rows, H]` GEMM, `b`'s dtype."""
+  a2 = a.reshape(-1, a.shape[-1]).astype(b.dtype)
   b2 = b.reshape(-1, b.shape[-1])
-  return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
+  acc = accumulation_dtype(b.dtype)
+  return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=None if acc == b.dtype else acc)
 
 
-def _clip(x, clip_delta):
-  return x if clip_delta is None else jnp.clip(x, -clip_delta, clip_delta)
-
-
-class _Rules(NamedTuple):
-  """How one cell kind runs forward and backward, on flat `[B, n]` arrays."""
-  recurrent_params: callable  # params -> rp; autodiff carries d rp back to params
-  input_bias: callable  # params -> the bias added to `xs @ W_ih.T`, inside the step
-  forward: callable
-  backward: callable
-  finish: callable
-  shared_dw: bool  # dW_hh = sum_t dxw_t.T @ h_{t-1}: one GEMM with dW_ih
-
-
-# ----------------------------------------------------------------------------------------------
-# Elman RNN
-
-
-def _simple_rules(config) -> _Rules:
-  act = config.activation
-
-  def forward(rp, state, xw_t):
-    (w_hh,) = rp
-    a = xw_t + _dense(state.hidden, w_hh)
-    h_t = act(a)
-    return SimpleState(h_t), h_t, a
-
-  def backward(rp, rpt, a, state_tm1, dstate, clip_delta):
-    (w_hh_t,) = rpt
-    _, act_vjp = jax.vjp(act, a)
-    (da,) = act_vjp(dstate.hidden)
-    da = _clip(da, clip_delta)
-    return SimpleState(_dense(da, w_hh_t)), da, None
-
-  def finish(rp, dxw, outs, states_tm1, dw_hh):
-    return (dw_hh,)
-
-  return _Rules(lambda p: (p.w_hh,), _summed_bias, forward, backward, finish, shared_dw=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# LSTM (optionally with a projection)
-
-
-def _lstm_rules(config) -> _Rules:
-  proj = config.proj_size is not None
-
-  def forward(rp, state, xw_t):
-    w_hh, w_hr = rp
-    gates = _lstm_gates(xw_t + _dense(state.hidden, w_hh))
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c_t = f * state.cell + i * g
-    h_t = o * jnp.tanh(c_t)
-    if proj:
-      h_t = _dense(h_t, w_hr)
-    return LSTMState(h_t, c_t), h_t, gates
-
-  def backward(rp, rpt, gates, state_tm1, dstate, clip_delta):
-    w_hh_t, w_hr_t = rpt
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    # The cell state c_t is recomputed from the gates: cheaper to store one [B, 4H] than two.
-    c_t = f * state_tm1.cell + i * g
-    tanh_c = jnp.tanh(c_t)
-    dm = _dense(dstate.hidden, w_hr_t) if proj else dstate.hidden
-    dc = dstate.cell + dm * o * (1.0 - tanh_c * tanh_c)
-    dz = jnp.concatenate([dc * g * i * (1.0 - i),
-                          dc * state_tm1.cell * f * (1.0 - f),
-                          dc * i * (1.0 - g * g),
-                          dm * tanh_c * o * (1.0 - o)], axis=-1)
-    dz = _clip(dz, clip_delta)
-    dstate_tm1 = LSTMState(_dense(dz, w_hh_t), dc * f)
-    outs = (dstate.hidden, o * tanh_c) if proj else None
-    return dstate_tm1, dz, outs
-
-  def finish(rp, dxw, outs, states_tm1, dw_hh):
-    return dw_hh, (_sum_outer(*outs) if proj else None)
-
-  return _Rules(lambda p: (p.w_hh, p.w_hr), _summed_bias, forward, backward, finish,
-                shared_dw=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# GRU, both forms
-
-
-def _gru_rules(config) -> _Rules:
-  h = config.hidden_size
-  reset_after = config.reset_after
-
-  def forward(rp, state, xw_t):
-    w_hh, b_hn = rp
-    h_tm1 = state.hidden
-    x_r, x_z, x_n = jnp.split(xw_t, 3, axis=-1)
-    if reset_after:
-      hw_r, hw_z, hw_n = jnp.split(_dense(h_tm1, w_hh), 3, axis=-1)
-      hn = _add_bias(hw_n, b_hn)
-      r, z = jax.nn.sigmoid(x_r + hw_r), jax.nn.sigmoid(x_z + hw_z)
-      n = jnp.tanh(x_n + r * hn)
-      res = jnp.concatenate([r, z, n, hn], axis=-1)
-    else:
-      hw_r, hw_z = jnp.split(_dense(h_tm1, w_hh[:2 * h]), 2, axis=-1)
-      r, z = jax.nn.sigmoid(x_r + hw_r), jax.nn.sigmoid(x_z + hw_z)
-      n = jnp.tanh(x_n + _dense(r * h_tm1, w_hh[2 * h:]))
-      res = jnp.concatenate([r, z, n], axis=-1)
-    h_t = n + z * (h_tm1 - n)
-    return GRUState(h_t), h_t, res
-
-  def backward(rp, rpt, res, state_tm1, dstate, clip_delta):
-    h_tm1, dh = state_tm1.hidden, dstate.hidden
-    w_hh_t, _ = rpt  # [H, 3H]
-    if reset_after:
-      r, z, n, hn = jnp.split(res, 4, axis=-1)
-    else:
-      r, z, n = jnp.split(res, 3, axis=-1)
-    dan = _clip(dh * (1.0 - z) * (1.0 - n * n), clip_delta)
-    daz = _clip(dh * (h_tm1 - n) * z * (1.0 - z), clip_delta)
-    if reset_after:
-      dar = _clip(dan * hn * r * (1.0 - r), clip_delta)
-      dhw = jnp.concatenate([dar, daz, dan * r], axis=-1)
-      dh_tm1 = _dense(dhw, w_hh_t) + dh * z
-      return GRUState(dh_tm1), jnp.concatenate([dar, daz, dan], axis=-1), dhw
-    d_rh = _dense(dan, w_hh_t[:, 2 * h:])
-    dar = _clip(d_rh * h_tm1 * r * (1.0 - r), clip_delta)
-    dh_tm1 = _dense(jnp.concatenate([dar, daz], axis=-1), w_hh_t[:, :2 * h]) + d_rh * r + dh * z
-    dxw = jnp.concatenate([dar, daz, dan], axis=-1)
-    return GRUState(dh_tm1), dxw, r * h_tm1
-
-  def finish(rp, dxw, outs, states_tm1, dw_hh):
-    if reset_after:
-      return _sum_outer(outs, states_tm1.hidden), jnp.sum(outs[..., 2 * h:], axis=(0, 1))
-    dw_rz = _sum_outer(dxw[..., :2 * h], states_tm1.hidden)
-    dw_n = _sum_outer(dxw[..., 2 * h:], outs)  # outs: r * h_{t-1}
-    return jnp.concatenate([dw_rz, dw_n], axis=0), None
-
-  def recurrent_params(p):
-    return p.w_hh, (p.b_hh[2 * h:] if reset_after else None)
-
-  return _Rules(recurrent_params, lambda p: _gru_input_bias(p, reset_after), forward, backward,
-                finish, shared_dw=False)
-
-
-_RULES = {"simple": _simple_rules, "lstm": _lstm_rules, "gru": _gru_rules}
-
-
-# ----------------------------------------------------------------------------------------------
-# The custom_vjp layer
-
-
-def _transpose(rp):
-  """Materialised transposes of the weight matrices (vectors and None pass through)."""
-  return jax.tree.map(lambda w: w.T if w.ndim == 2 else w, rp)
+def _clip(tree, clip_delta):
+  if clip_delta is None:
+    return tree
+  return jax.tree.map(lambda x: jnp.clip(x, -clip_delta, clip_delta), tree)
 
 
 def _at(tree, t, axis):
@@ -217,24 +69,59 @@ def _stacked_zeros(tree, num_steps, axis):
                       tree)
 
 
+def _used_by(fn, params, *args) -> tuple[bool, ...]:
+  """For each leaf of `params`: does `fn(params, *args)` read it? (From its jaxpr.)"""
+  jaxpr = jax.make_jaxpr(fn)(params, *args).jaxpr
+  read = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal)}
+  read.update(v for v in jaxpr.outvars if not isinstance(v, Literal))
+  return tuple(v in read for v in jaxpr.invars[:len(jax.tree.leaves(params))])
+
+
+def _split_params(params, used):
+  leaves, treedef = jax.tree.flatten(params)
+  picked = tuple(leaf for leaf, u in zip(leaves, used) if u)
+
+  def merge(picked_values):
+    it = iter(picked_values)
+    return jax.tree.unflatten(treedef, [next(it) if u else leaf for leaf, u in zip(leaves, used)])
+
+  def scatter(values):
+    """`values` of the picked leaves back in `params`' structure, zeros elsewhere."""
+    it = iter(values)
+    return jax.tree.unflatten(treedef, [next(it).astype(leaf.dtype) if u else jnp.zeros_like(leaf)
+                                        for leaf, u in zip(leaves, used)])
+
+  return picked, merge, scatter
+
+
 @functools.lru_cache(maxsize=None)
-def _make_layer(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delta, reverse: bool,
-                axis: int):
-  """A custom_vjp `f(rp, w_ih, bias, xs, state0, mask [T, B]) -> (ys, final)`.
+def _make_layer(cell: Cell, masked: bool, resets: bool, remat: bool, unroll: int, clip_delta,
+                reverse: bool, axis: int):
+  """A custom_vjp `f(params, xs, state0, init, mask [T, B], before [T, B]) -> (ys, final)`.
 
   `xs` is `[B, T, D]` (`axis=1`) or `[T, B, D]` (`axis=0`), and `ys` has the same layout.
   """
+  pw = cell.pointwise
+  additive = pw.combine is None
 
-  def run_forward(rp, w_ih, bias, xs, state0, mask):
+  def forward_step(params, w, xw_t, state_tm1, mask_t, reset_t, init):
+    def step(state):
+      hw_t = None if w is None else _dense(state.hidden, w)
+      a_t = pw.add_bias(params, pw.products(xw_t, hw_t))
+      return (*apply_update(pw, params, a_t, state, xw_t.dtype), a_t)
+    return masked_step(step, state_tm1, mask_t, reset_t, init)
+
+  def run_forward(params, xs, state0, init, mask, before):
     num_steps = xs.shape[axis]
-    xw = _dense(xs, w_ih)
+    xw = cell.project(params, xs)
+    w = pw.weight(params)
 
     def step(state_tm1, t):
-      state_t, y_t, res_t = rules.forward(rp, state_tm1, _add_bias(_at(xw, t, axis), bias))
-      if masked:
-        state_t = _select(mask[t], state_t, state_tm1)
-        y_t = jnp.where(mask[t][:, None], y_t, jnp.zeros_like(y_t))
-      return state_t, (y_t, state_tm1, None if remat else res_t)
+      mask_t = mask[t] if masked else None
+      reset_t = before[t] if resets else None
+      state_t, y_t, state_in, a_t = forward_step(params, w, _at(xw, t, axis), state_tm1, mask_t,
+                                                 reset_t, init)
+      return state_t, (y_t, state_in, None if remat else a_t)
 
     def body(k, carry):
       state_tm1, bufs = carry
@@ -243,96 +130,134 @@ def _make_layer(rules: _Rules, masked: bool, remat: bool, unroll: int, clip_delt
       return state_t, _store(bufs, outs, t, axis)
 
     bufs = _stacked_zeros(jax.eval_shape(step, state0, 0)[1], num_steps, axis)
-    final, (ys, states_tm1, res) = jax.lax.fori_loop(0, num_steps, body, (state0, bufs),
-                                                      unroll=unroll)
-    return ys, final, states_tm1, res
+    final, (ys, states_in, pre) = jax.lax.fori_loop(0, num_steps, body, (state0, bufs),
+                                                    unroll=unroll)
+    return ys, final, states_in, pre
 
   @jax.custom_vjp
-  def layer(rp, w_ih, bias, xs, state0, mask):
-    ys, final, _, _ = run_forward(rp, w_ih, bias, xs, state0, mask)
+  def layer(params, xs, state0, init, mask, before):
+    ys, final, _, _ = run_forward(params, xs, state0, init, mask, before)
     return ys, final
 
-  def fwd(rp, w_ih, bias, xs, state0, mask):
-    ys, final, states_tm1, res = run_forward(rp, w_ih, bias, xs, state0, mask)
-    return (ys, final), (rp, w_ih, bias, xs, mask, states_tm1, res)
+  def fwd(params, xs, state0, init, mask, before):
+    ys, final, states_in, pre = run_forward(params, xs, state0, init, mask, before)
+    return (ys, final), (params, xs, init, mask, before, states_in, pre)
 
   def bwd(saved, cotangents):
-    rp, w_ih, bias, xs, mask, states_tm1, res = saved
+    params, xs, init, mask, before, states_in, pre = saved
     dys, dfinal = cotangents
     num_steps = xs.shape[axis]
-    rpt = _transpose(rp)
+    w = pw.weight(params)
+    wt = None if w is None else w.T  # materialised once: every per-step product contracts last
+    xw_spec = jax.eval_shape(cell.project, params, _at(xs, 0, axis))
+    state_spec = _at(states_in, 0, axis)
+    a_spec = jax.eval_shape(forward_step, params, w, xw_spec, state_spec, None, None, None)[3]
 
-    def step(dstate, t):
-      state_tm1 = _at(states_tm1, t, axis)
+    def update(p, a_t, state):
+      return apply_update(pw, p, a_t, state, xw_spec.dtype)
+
+    used = _used_by(update, params, a_spec, state_spec)
+    picked, merge, scatter = _split_params(params, used)
+    if w is not None and not additive:
+      hw_spec = jax.eval_shape(_dense, state_spec.hidden, w)
+      split = jax.linear_transpose(pw.products, xw_spec, hw_spec)
+
+    def step(carry, t):
+      dstate, dinit, dpicked = carry
+      state_in = _at(states_in, t, axis)
       if remat:  # the step again, its input products included: nothing [T, B, G] is stored
-        xw_t = _add_bias(_dense(_at(xs, t, axis), w_ih), bias)
-        _, _, res_t = rules.forward(rp, state_tm1, xw_t)
+        xw_t = cell.project(params, _at(xs, t, axis))
+        hw_t = None if w is None else _dense(state_in.hidden, w)
+        a_t = pw.add_bias(params, pw.products(xw_t, hw_t))
       else:
-        res_t = _at(res, t, axis)
-      dstate_new = dstate._replace(hidden=dstate.hidden + _at(dys, t, axis))
+        a_t = _at(pre, t, axis)
+      dy_t = _at(dys, t, axis)
       if masked:
         keep = mask[t][:, None]
         passed = jax.tree.map(lambda d: jnp.where(keep, jnp.zeros_like(d), d), dstate)
-        dstate_new = jax.tree.map(lambda d: jnp.where(keep, d, jnp.zeros_like(d)), dstate_new)
-      dstate_tm1, dxw_t, outs_t = rules.backward(rp, rpt, res_t, state_tm1, dstate_new, clip_delta)
+        dstate = jax.tree.map(lambda d: jnp.where(keep, d, jnp.zeros_like(d)), dstate)
+        dy_t = jnp.where(keep, dy_t, jnp.zeros_like(dy_t))
+      _, vjp = jax.vjp(lambda pk, a, s: update(merge(pk), a, s), picked, a_t, state_in)
+      dp_t, da_t, dstate_in = vjp((dstate, dy_t))
+      da_t = _clip(da_t, clip_delta)
+      if w is not None:
+        dhw_t = da_t if additive else split(da_t)[1]
+        h = dstate_in.hidden
+        dh = h.astype(dhw_t.dtype) + _dense(dhw_t.astype(h.dtype), wt)
+        dstate_in = dstate_in._replace(hidden=dh.astype(h.dtype))
+      if resets:
+        reset = before[t][:, None]
+        dinit = jax.tree.map(lambda acc, d: acc + jnp.where(reset, d, jnp.zeros_like(d)), dinit,
+                             dstate_in)
+        dstate_in = _select(~before[t], dstate_in, jax.tree.map(jnp.zeros_like, dstate_in))
       if masked:
-        dstate_tm1 = jax.tree.map(jnp.add, dstate_tm1, passed)
-      return dstate_tm1, (dxw_t, outs_t)
+        dstate_in = jax.tree.map(jnp.add, dstate_in, passed)
+      dpicked = jax.tree.map(lambda acc, d: acc + d.astype(acc.dtype), dpicked, dp_t)
+      return (dstate_in, dinit, dpicked), da_t
 
     def body(k, carry):
-      dstate, bufs = carry
+      inner, bufs = carry
       t = k if reverse else num_steps - 1 - k
-      dstate_tm1, outs = step(dstate, t)
-      return dstate_tm1, _store(bufs, outs, t, axis)
+      inner, stored = step(inner, t)
+      return inner, _store(bufs, stored, t, axis)
 
-    bufs = _stacked_zeros(jax.eval_shape(step, dfinal, 0)[1], num_steps, axis)
-    dstate0, (dxw, outs) = jax.lax.fori_loop(0, num_steps, body, (dfinal, bufs), unroll=unroll)
-    dxw_rows = dxw.reshape(-1, dxw.shape[-1])
-    input_size = xs.shape[-1]
-    if rules.shared_dw:
-      # [dW_ih | dW_hh] = dxw.T @ [xs | h_prev]: one GEMM over all T * B rows.
-      rows = jnp.concatenate([xs, states_tm1.hidden], axis=-1)
-      dw = jax.lax.dot_general(rows.reshape(-1, rows.shape[-1]), dxw_rows,
-                               (((0,), (0,)), ((), ()))).T
-      dw_ih, dw_hh = dw[:, :input_size], dw[:, input_size:]
-    else:
-      dw_ih, dw_hh = _sum_outer(dxw, xs), None
-    drp = rules.finish(rp, dxw, outs, states_tm1, dw_hh)
-    dxs = jax.lax.dot_general(dxw, w_ih, (((dxw.ndim - 1,), (0,)), ((), ())))
-    return drp, dw_ih, jnp.sum(dxw_rows, axis=0), dxs, dstate0, None
+    dinit0 = jax.tree.map(jnp.zeros_like, init) if resets else None
+    dpicked0 = tuple(jnp.zeros(p.shape, accumulation_dtype(p.dtype)) for p in picked)
+    inner0 = (dfinal, dinit0, dpicked0)
+    bufs = _stacked_zeros(jax.eval_shape(step, inner0, 0)[1], num_steps, axis)
+    (dstate0, dinit, dpicked), da = jax.lax.fori_loop(0, num_steps, body, (inner0, bufs),
+                                                      unroll=unroll)
+    dparams = scatter(dpicked)
+    bias = None if pw.bias is None else pw.bias(params)
+    if bias is not None:  # one sum over all steps and rows per bias
+      sums = jax.tree.map(lambda d, b: jnp.sum(d.reshape(-1, d.shape[-1]), axis=0).astype(b.dtype),
+                          da, bias)
+      dparams = jax.tree.map(jnp.add, dparams, jax.vjp(pw.bias, params)[1](sums)[0])
+    if w is None or additive:
+      dxw, dhw = da, da
+    else:  # combine's transpose over all steps at once
+      hw_full = jax.ShapeDtypeStruct(xs.shape[:-1] + hw_spec.shape[-1:], hw_spec.dtype)
+      xw_full = jax.ShapeDtypeStruct(xs.shape[:-1] + xw_spec.shape[-1:], xw_spec.dtype)
+      dxw, dhw = jax.linear_transpose(pw.products, xw_full, hw_full)(da)
+    if w is not None:
+      dw = _sum_outer(dhw, states_in.hidden).astype(w.dtype)
+      dparams = jax.tree.map(jnp.add, dparams, jax.vjp(pw.weight, params)[1](dw)[0])
+    # `project` treats every row alike: its transpose over [T * B, ...] rows is one plain GEMM.
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    d_project, dxs = jax.vjp(cell.project, params, rows(xs))[1](rows(dxw).astype(xw_spec.dtype))
+    dparams = jax.tree.map(jnp.add, dparams, d_project)
+    dxs = dxs.reshape(xs.shape)
+    return dparams, dxs, dstate0, dinit, None, None
 
   layer.defvjp(fwd, bwd)
   return layer
 
 
-@functools.lru_cache(maxsize=None)
-def _rules_for(kind: str, config) -> _Rules:
-  """One `_Rules` per (kind, config), so equal cells share one cached custom_vjp."""
-  return _RULES[kind](config)
-
-
-def recurrence(cell: Cell, params, xs, state, mask, *, time_major: bool, reverse: bool,
-               unroll: int, remat: bool, clip_delta):
+def recurrence(cell: Cell, params, xs, state, init, mask, before, *, time_major: bool,
+               reverse: bool, unroll: int, remat: bool, clip_delta):
   """`unroll`'s manual-gradient path: `xs [*batch, T, D]` (`[T, *batch, D]` with `time_major`),
-  `mask [T, *batch]` or None; returns `(ys, final)` in the layout of `xs`."""
-  rules = _rules_for(cell.kind, cell.config)
-  if xs.shape[0 if time_major else -2] == 0:  # no steps: no outputs, the initial state
-    return jnp.zeros(xs.shape[:-1] + (cell.output_size,), xs.dtype), state
+  `mask` and `before` `[T, *batch]` or None, `init` the state a reset returns to (None without
+  resets); returns `(ys, final)` in the layout of `xs`."""
+  num_steps = xs.shape[0 if time_major else -2]
+  if num_steps == 0:  # no steps: no outputs, the initial state
+    dtype = jax.eval_shape(cell.project, params, xs).dtype
+    return jnp.zeros(xs.shape[:-1] + (cell.output_size,), dtype), state
   if time_major:
-    num_steps, batch_shape, axis = xs.shape[0], xs.shape[1:-1], 0
+    batch_shape, axis = xs.shape[1:-1], 0
   else:
-    num_steps, batch_shape, axis = xs.shape[-2], xs.shape[:-2], 1
+    batch_shape, axis = xs.shape[:-2], 1
   batch = math.prod(batch_shape)
   xs = xs.reshape(((num_steps, batch) if time_major else (batch, num_steps)) + xs.shape[-1:])
-  state = jax.tree.map(lambda s: s.reshape((batch, s.shape[-1])), state)
-  if mask is not None:
-    mask = mask.reshape((num_steps, batch))
-  fn = _make_layer(rules, mask is not None, bool(remat), unroll, clip_delta, bool(reverse), axis)
-  ys, final = fn(rules.recurrent_params(params), params.w_ih, rules.input_bias(params), xs, state,
-                 mask)
+  flat = lambda tree: jax.tree.map(lambda s: s.reshape((batch,) + s.shape[len(batch_shape):]),
+                                   tree)
+  state, init = flat(state), flat(init)
+  mask, before = jax.tree.map(lambda m: m.reshape((num_steps, batch)), (mask, before))
+  fn = _make_layer(cell, mask is not None, before is not None, bool(remat), unroll, clip_delta,
+                   bool(reverse), axis)
+  ys, final = fn(params, xs, state, init, mask, before)
   if time_major:
     ys = ys.reshape((num_steps,) + batch_shape + ys.shape[-1:])
   else:
     ys = ys.reshape(batch_shape + (num_steps,) + ys.shape[-1:])
-  final = jax.tree.map(lambda s: s.reshape(batch_shape + s.shape[-1:]), final)
+  final = jax.tree.map(lambda s: s.reshape(batch_shape + s.shape[1:]), final)
   return ys, final

@@ -108,7 +108,7 @@ class LanguageModel(NamedTuple):
       exact normalized log-probabilities, no dropout.
     step: `step(params, carry, token_ids [B]) -> (carry, log_probs [B, V])`: one step of
       generation, exact.
-    cell: the `rnn.Cell` (a stack).
+    cell: the `rnn.Stack` of the recurrent layers.
     layer: the `softmax_alts.OutputLayer`.
     config: the `ModelConfig`, with automatic options (cutoffs, bands, classes) filled in.
   """
@@ -121,7 +121,7 @@ class LanguageModel(NamedTuple):
   loss: Callable[..., Any]
   log_prob: Callable[..., Any]
   step: Callable[..., Any]
-  cell: rnn.Cell
+  cell: rnn.Stack
   layer: Any
   config: ModelConfig
 
@@ -213,7 +213,7 @@ def default_bands(counts, hidden_size: int) -> tuple[tuple[int, int], ...]:
   return tuple((int(w), int(d)) for w, d in zip(words, dims))
 
 
-def _make_cell(config: ModelConfig) -> rnn.Cell:
+def _make_cell(config: ModelConfig) -> rnn.Stack:
   layers = []
   for _ in range(config.nlayers):
     if config.cell == "lstm":

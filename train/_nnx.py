@@ -81,7 +81,7 @@ class RNNModule(nnx.Module):
     params: the cell's parameter NamedTuple (e.g. `rnn.LSTMParams`) with `nnx.Param` leaves.
   """
 
-  def __init__(self, cell: rnn.Cell, input_size: int, *, rngs: nnx.Rngs | None = None,
+  def __init__(self, cell: rnn.Cell | rnn.Layer, input_size: int, *, rngs: nnx.Rngs | None = None,
                params: Any = None):
     """Initialises the parameters with `cell.init(rngs.params(), input_size)`.
 
@@ -92,8 +92,9 @@ class RNNModule(nnx.Module):
       params: existing parameters to hold instead (the structure, shapes and dtypes that
         `cell.init(key, input_size)` returns); `rngs` is then not needed.
     """
-    if not isinstance(cell, rnn.Cell):
-      raise ValueError(f"`cell` must be an rnn.Cell; got {type(cell).__name__}.")
+    if not isinstance(cell, (rnn.Cell, rnn.Layer)):
+      raise ValueError(f"`cell` must be an rnn.Cell or a layer (rnn.stack, rnn.bidirectional); "
+                       f"got {type(cell).__name__}.")
     params = _init_or_check(lambda key: cell.init(key, input_size), rngs, params,
                             "`cell.init(key, input_size)`")
     self.cell = cell

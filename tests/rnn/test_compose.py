@@ -71,5 +71,7 @@ def test_bidirectional_reads_each_sequence_backwards_within_its_length(grad, key
                                                   grad=grad)))(params)
   g_ref = jax.grad(lambda p: scalar_loss(*rnn.unroll(cell, p, xs, state, lengths=lengths)))(params)
   assert_trees_close(g, g_ref, atol=2e-5)
+  # A sequence-level layer: no step of its own, and a stack holding it cannot be stepped.
+  assert not hasattr(cell, "step")
   with pytest.raises(ValueError, match="cannot be stepped"):
-    cell.step(params, state, cell.project(params, xs[:, 0]))
+    rnn.stack([cell]).step((params,), (state,), xs[:, 0])

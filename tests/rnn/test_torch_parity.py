@@ -108,3 +108,22 @@ def test_from_torch_rejects_wrong_shapes_and_missing_names():
     rnn.from_torch(cell, {k: v for k, v in tensors.items() if k != "weight_ih_l0"})
   with pytest.raises(ValueError, match="weight_hr_l0"):
     rnn.from_torch(cell, dict(tensors, weight_hr_l0=np.zeros((4, H), np.float32)))
+
+
+@pytest.mark.parametrize("name", ["tanh", "lstm", "gru"])
+def test_bias_false_matches_torch_and_refuses_given_biases(name):
+  torch.manual_seed(0)
+  module = {"tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[name](
+      D, H, batch_first=True, bias=False)
+  cell = {"tanh": rnn.simple, "lstm": rnn.lstm, "gru": rnn.gru}[name](H, bias=False)
+  tensors = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+  params = rnn.from_torch(cell, tensors)
+  assert params.b_ih is None and params.b_hh is None
+  assert sorted(rnn.to_torch(cell, params)) == sorted(tensors)
+  xs = np.random.default_rng(2).standard_normal((B, T, D)).astype(np.float32)
+  ys_t, _ = module(torch.tensor(xs))
+  for grad in ("autodiff", "manual"):
+    ys, _ = rnn.unroll(cell, params, jnp.asarray(xs), cell.initial_state(params, (B,)), grad=grad)
+    np.testing.assert_allclose(ys, ys_t.detach().numpy(), atol=1e-5)
+  with pytest.raises(ValueError, match="has 'bias_ih_l0' but the cell has no b_ih"):
+    rnn.from_torch(cell, dict(tensors, bias_ih_l0=np.zeros(params.w_ih.shape[:1], np.float32)))

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 import rnn
+from tests.rnn._util import CELLS
 
 B, T, D, H = 2, 11, 3, 5
 
 
 def _problem(key, name):
-  cell = rnn.lstm(H) if name == "lstm" else rnn.simple(H)
+  cell = CELLS[name](H)
   k1, k2, k3 = jax.random.split(key, 3)
   params = cell.init(k1, D)
   xs = jax.random.normal(k2, (B, T, D))
@@ -21,15 +22,18 @@ def _problem(key, name):
   return cell, params, xs, state, loss_fn
 
 
-def _brute_force(cell, params, xs, state, loss_fn, k1, k2):
+def _brute_force(cell, params, xs, state, loss_fn, k1, k2, resets=None):
   """G[s, u] = dL_s / d(params used at step u), with a separate copy of the params per step;
   BPTT(k1, k2) keeps the pairs with u in [max(0, tau(s) - k2 + 1), s]."""
   copies = jax.tree.map(lambda p: jnp.broadcast_to(p, (T,) + p.shape), params)
+  init = cell.initial_state(params, (B,))
 
   def per_step_losses(copies):
     s, losses = state, []
     for t in range(T):
       p_t = jax.tree.map(lambda c: c[t], copies)
+      if resets is not None:
+        s = jax.tree.map(lambda i, v: jnp.where(resets[:, t, None], i, v), init, s)
       s, y = cell.step(p_t, s, cell.project(p_t, xs[:, t]))
       losses.append(loss_fn(y, t))
     return jnp.stack(losses)
@@ -53,6 +57,20 @@ def test_truncated_equals_brute_force(name, k1, k2, key):
   np.testing.assert_allclose(final.hidden, full_final.hidden, atol=1e-6)
   grads = jax.grad(lambda p: rnn.truncated(cell, p, xs, state, loss_fn, k1=k1, k2=k2)[0])(params)
   expected = _brute_force(cell, params, xs, state, loss_fn, k1, k2)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_truncated_with_resets_equals_brute_force_for_a_users_cell(key):
+  grad = "manual"
+  cell, params, xs, state, loss_fn = _problem(key, "user")
+  resets = jnp.zeros((B, T), bool).at[0, 4].set(True).at[1, 7].set(True)
+  loss, _ = rnn.truncated(cell, params, xs, state, loss_fn, k1=3, k2=5, resets=resets, grad=grad)
+  ys, _ = rnn.static_unroll(cell, params, xs, state, resets=resets)
+  np.testing.assert_allclose(loss, sum(loss_fn(ys[:, t], t) for t in range(T)), rtol=1e-5)
+  grads = jax.grad(lambda p: rnn.truncated(cell, p, xs, state, loss_fn, k1=3, k2=5, resets=resets,
+                                           grad=grad)[0])(params)
+  expected = _brute_force(cell, params, xs, state, loss_fn, 3, 5, resets=resets)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
