@@ -25,8 +25,8 @@ import numpy as np
 
 from train import _distributed
 from train._batching import batchify
-from train._checkpoint import (Checkpoints, config_differences, has_run, load_config, load_vocab,
-                               save_config, save_vocab)
+from train._checkpoint import (Checkpoints, config_differences, has_checkpoints, has_run,
+                               load_config, load_vocab, record_resume, save_config, save_vocab)
 from train._corpus import read_corpus
 from train._loop import DECAYS, LoopConfig, fit, new_loop_record, train_keys
 from train._metrics import MetricsLog, plot_metrics, read_metrics
@@ -374,42 +374,64 @@ def _describe(model) -> str:
           f"{c.softmax}{extra}")
 
 
+def _start_run(args, model, vocab, run_dir):
+  """Writes a new run's config and vocabulary; returns its metrics log."""
+  config = _run_config(args)
+  config["model"] = model.config._asdict()
+  if _distributed.is_primary():  # with many processes, one writes the run's files
+    save_config(run_dir, config)
+    save_vocab(run_dir, vocab)
+  _distributed.barrier("train:run-folder")
+  return MetricsLog(run_dir / METRICS_LOG) if _distributed.is_primary() else None
+
+
 def _open_run(args, model, vocab, state, echo):
-  """Opens the run folder: resumes from its latest checkpoint, or starts it.
+  """Opens the run folder: resumes from its latest intact checkpoint, or starts it.
+
+  A damaged checkpoint is skipped with a warning (and set aside in `DIR/damaged/`), the latest
+  intact one used. A folder whose run stopped before its first checkpoint starts again from
+  step 0 with its saved config.
 
   Returns:
     `(checkpoints, log, state, loop, best)`.
   """
   run_dir = pathlib.Path(args.save)
   if not args.resume:
-    config = _run_config(args)
-    config["model"] = model.config._asdict()
-    if _distributed.is_primary():  # with many processes, one writes the run's files
-      save_config(run_dir, config)
-      save_vocab(run_dir, vocab)
-    _distributed.barrier("train:run-folder")
-    log = MetricsLog(run_dir / METRICS_LOG) if _distributed.is_primary() else None
+    log = _start_run(args, model, vocab, run_dir)
     return Checkpoints(run_dir, keep=args.keep), log, state, new_loop_record(), None
   if load_vocab(run_dir) != vocab:
     raise ValueError(f"--resume: the corpus's vocabulary differs from the one saved in "
                      f"`{run_dir}`; the data changed.")
   checkpoints = Checkpoints(run_dir, keep=args.keep)
   try:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise ValueError(f"--resume: `{run_dir}` holds no checkpoint to resume from.")
-    state, loop = checkpoints.restore(state, step)
+    restored = checkpoints.restore_intact(state)
+    if restored is None and has_checkpoints(run_dir):
+      raise ValueError(f"--resume: `{run_dir}` holds no intact checkpoint (the damaged ones are "
+                       f"in `{run_dir / 'damaged'}`); remove that folder to start the run "
+                       "again from step 0.")
     best = None
-    best_step = checkpoints.best_step()
-    if best_step is not None and best_step != step and checkpoints.metric(best_step):
-      best_state, _ = checkpoints.restore(state, best_step)
-      best = (best_state.params, checkpoints.metric(best_step))
-    elif checkpoints.metric(step) is not None:
-      best = (state.params, checkpoints.metric(step))
+    if restored is not None:
+      step, state, loop = restored
+      best_step = checkpoints.best_step()
+      if best_step is not None and best_step != step and checkpoints.metric(best_step):
+        found = checkpoints.restore_intact(state, best=True)
+        best = (found[1].params, checkpoints.metric(found[0]))
+      elif checkpoints.metric(step) is not None:
+        best = (state.params, checkpoints.metric(step))
   except BaseException:
     checkpoints.close()
     raise
+  settings = {k: getattr(args, k) for k in RESUMABLE}
+  if restored is None:
+    echo(f"| resume | `{run_dir}` holds no checkpoint yet (the run stopped before its first): "
+         "starting it from step 0")
+    log = _start_run(args, model, vocab, run_dir)
+    if _distributed.is_primary():
+      record_resume(run_dir, 0, settings)
+    return checkpoints, log, state, new_loop_record(), None
   echo(f"| resume | step {step} from `{run_dir}`")
+  if _distributed.is_primary():
+    record_resume(run_dir, step, settings)
   log = MetricsLog(run_dir / METRICS_LOG, resume_step=step) if _distributed.is_primary() else None
   return checkpoints, log, state, loop, best
 
@@ -426,8 +448,11 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
   mesh = _distributed.mesh_from_flags(args.mesh, args.batch_size, args.coordinator,
                                       args.num_processes, args.process_id)
   if not args.resume and args.save and has_run(args.save):
-    raise ValueError(f"--save `{args.save}` already holds a run; pass --resume to continue it, "
-                     "or choose another folder (a checkpoint is never overwritten).")
+    if has_checkpoints(args.save):
+      raise ValueError(f"--save `{args.save}` already holds a run; pass --resume to continue "
+                       "it, or choose another folder (a checkpoint is never overwritten).")
+    echo(f"| note | `{args.save}` holds a run that stopped before its first checkpoint: "
+         "starting it again")
   _distributed.barrier("train:checked")  # every process has looked before one writes
   if args.proj is not None and args.cell != "lstm":
     raise ValueError(f"--proj needs --cell lstm; got --cell {args.cell}.")

@@ -133,7 +133,9 @@ def fit(model: LanguageModel, opt: Optimizer, state: TrainState, train_data, val
   step = int(state.step)
   if step != loop["step"]:
     raise ValueError(f"the loop record is at step {loop['step']} but the state at {step}.")
-  best_params, best_valid = (None, None) if best is None else best
+  # The step donates the state's buffers: best parameters that share them (a resumed run whose
+  # latest checkpoint is its best) would be deleted by the first step.
+  best_params, best_valid = (None, None) if best is None else (_copy(best[0]), best[1])
   last_saved = checkpoints.latest_step() if checkpoints is not None else None
   start = time.perf_counter()
   wall0 = float(loop["wall_time"])
