@@ -27,7 +27,7 @@ from train import _distributed
 from train._batching import batchify
 from train._checkpoint import (Checkpoints, config_differences, has_checkpoints, has_run,
                                load_config, load_vocab, record_resume, save_config, save_vocab)
-from train._corpus import read_corpus
+from train._corpus import DEFAULT_FRACTIONS, read_corpus_named
 from train._loop import DECAYS, LoopConfig, fit, new_loop_record, train_keys
 from train._metrics import MetricsLog, plot_metrics, read_metrics
 from train._model import CELLS, GRADS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
@@ -36,6 +36,7 @@ from train._step import (OPTIMIZERS, init_train_state, make_evaluator, make_trai
 from train._synthetic import SyntheticCorpus, synthetic_corpus
 
 SYNTHETIC = "synthetic"
+SPLIT_FLAGS = {"train": "--train-split", "valid": "--valid-split", "test": "--eval-split"}
 # Flags that may take a new value when a run is resumed; every other flag must match the run's.
 RESUMABLE = ("epochs", "max_steps", "patience", "log_interval", "keep",
              "eval_batch_size")
@@ -71,6 +72,18 @@ def _positive_int(text: str) -> int:
   if value <= 0:
     raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
   return value
+
+
+def _int_at_least(low: int, why: str):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be at least {low} ({why}); got {value}")
+    return value
+  return parse
 
 
 def _non_negative_int(text: str) -> int:
@@ -140,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the test split's file or split name")
   data.add_argument("--level", choices=("word", "char"), default="word",
                     help="tokens are words (one <eos> per line) or characters")
-  data.add_argument("--max-vocab", type=_positive_int, default=None,
+  data.add_argument("--max-vocab", type=_int_at_least(2, "<unk> and <eos> are always kept"),
+                    default=None,
                     help="keep the most frequent words only (<unk> and <eos> included)")
   data.add_argument("--synthetic-tokens", type=_positive_int, default=500_000,
                     help="training tokens of the synthetic corpus (valid and test: a tenth)")
@@ -227,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--log-interval", type=_positive_int, default=100,
                    help="steps between progress updates and metrics log records")
   run.add_argument("--quiet", action="store_true",
-                   help="no progress bar or periodic lines (also off when stderr is not a TTY)")
+                   help="no progress bar and no periodic lines (without it: a progress bar when "
+                        "stderr is a terminal, else a line on stdout every --log-interval "
+                        "steps); the evaluations and the summary are printed either way")
 
   scale = p.add_argument_group("scale-out (see the README's \"Scaling out\")")
   scale.add_argument("--mesh", default=None,
@@ -298,9 +314,16 @@ def _load_corpus(args):
   if not path.exists():
     raise ValueError(f"--data `{args.data}` does not exist (a corpus folder, a text file, or "
                      "'synthetic').")
-  return read_corpus(path, level=args.level, train_split=args.train_split,
-                     valid_split=args.valid_split, test_split=args.eval_split,
-                     max_size=args.max_vocab)
+  return read_corpus_named(path, level=args.level, train_split=args.train_split,
+                           valid_split=args.valid_split, test_split=args.eval_split,
+                           fractions=DEFAULT_FRACTIONS, max_size=args.max_vocab, min_count=1,
+                           spell=_split_flag)
+
+
+def _split_flag(split: str, value=None) -> str:
+  """How messages write a split argument: by its flag, `--eval-split test.txt`."""
+  flag = SPLIT_FLAGS[split]
+  return flag if value is None else f"{flag} {value}"
 
 
 def _splits(corpus, echo):

@@ -58,6 +58,12 @@ def test_resume_is_bit_exact(tmp_path, capsys):
   assert _cli.main(RESUME + ["--max-steps", "60", "--save", str(split), "--resume"]) == 0
   out = capsys.readouterr().out
   assert "| resume | step 25" in out
+  # The config records the resume: it now holds the new --max-steps, and when it came.
+  assert json.loads((straight / "config.json").read_text())["resumes"] == []
+  saved = json.loads((split / "config.json").read_text())
+  assert saved["config"]["max_steps"] == 60
+  assert [(r["step"], r["max_steps"]) for r in saved["resumes"]] == [(25, 60)]
+  assert set(saved["resumes"][0]) == {"step"} | set(_cli.RESUMABLE)
   state_a, loop_a = _final_state(straight, RESUME)
   state_b, loop_b = _final_state(split, RESUME)
   assert int(state_a.step) == int(state_b.step) == 60

@@ -95,8 +95,13 @@ def _bad_inputs(tmp_path, corpus_dir):
   return [
       (["--data", str(tmp_path / "absent")], "does not exist"),
       (["--data", str(lacking)], "lacks the split file(s) valid.txt"),
+      # Messages name the flags, not read_corpus's arguments.
+      (["--data", str(lacking)], "e.g. --train-split train.txt --eval-split test.txt"),
       (["--data", str(corpus_dir), "--eval-split", "nope.txt", "--train-split", "train.txt"],
-       "nope.txt"),
+       "--eval-split nope.txt: no such split file"),
+      (["--data", str(corpus_dir), "--eval-split", "test.txt"],
+       "--train-split is required when a split is named"),
+      (["--max-vocab", "1"], "--max-vocab: must be at least 2 (<unk> and <eos> are always kept)"),
       (["--data", str(empty)], "is empty"),
       (["--data", str(one_type)], "at least two"),
       (["--softmax", "bogus"], "invalid choice: 'bogus'"),
@@ -129,6 +134,7 @@ def test_bad_input_exits_2_with_one_error_line_before_training(tmp_path, corpus_
     assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
     assert message in err, (argv, err)
     assert "| data |" not in out and "| eval |" not in out, argv
+    assert "_split" not in err and "max_size" not in err, (argv, err)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -185,6 +191,21 @@ def test_the_synthetic_run_reports_test_best_ratio_and_unigram(capsys):
   assert unigram == pytest.approx(corpus.unigram_perplexity, abs=1e-3)
   assert ratio == pytest.approx(test_ppl / best, abs=1e-3)
   assert best < test_ppl
+
+
+def test_quiet_does_what_its_help_says(capsys):
+  # Not a TTY: without --quiet a line every --log-interval steps, with it none; the help says so.
+  _, help_text, _ = _main(["--help"], capsys)
+  help_text = " ".join(help_text.split())
+  assert ("--quiet no progress bar and no periodic lines (without it: a progress bar when stderr "
+          "is a terminal, else a line on stdout every --log-interval steps)") in help_text
+  for quiet, lines in ((True, 0), (False, 2)):
+    argv = [a for a in TINY if a != "--quiet"] + ["--max-steps", "10"] + (["--quiet"] * quiet)
+    code, out, err = _main(argv, capsys)
+    assert code == 0, err
+    progress = [line for line in out.splitlines() if line.startswith("| epoch")]
+    assert len(progress) == lines, out
+    assert "| end of training | step 10 |" in out and err == ""
 
 
 def test_generate_samples_and_beam_searches_from_a_run(tmp_path, capsys):
