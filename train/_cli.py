@@ -30,7 +30,7 @@ from train._checkpoint import (Checkpoints, config_differences, has_checkpoints,
 from train._corpus import DEFAULT_FRACTIONS, read_corpus_named
 from train._loop import DECAYS, LoopConfig, fit, new_loop_record, train_keys
 from train._metrics import MetricsLog, plot_metrics, read_metrics
-from train._model import CELLS, GRADS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
+from train._model import CELLS, GRADS, INITS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
 from train._step import (OPTIMIZERS, init_train_state, make_evaluator, make_train_step,
                          optimizer)
 from train._synthetic import SyntheticCorpus, synthetic_corpus
@@ -42,6 +42,16 @@ RESUMABLE = ("epochs", "max_steps", "patience", "log_interval", "keep",
              "eval_batch_size")
 # Flags that describe this invocation, not the run: never saved.
 TRANSIENT = ("save", "resume", "quiet", "mesh", "coordinator", "num_processes", "process_id")
+# Presets of flag defaults (flags given explicitly still win). "pytorch": PyTorch's
+# word_language_model example (examples/word_language_model/main.py) at its defaults, its LSTM
+# and its training loop: plain SGD, clipping, the learning rate divided by 4 whenever the
+# validation loss does not improve, no early stop, its initialisation.
+RECIPES = {
+    "pytorch": {"cell": "lstm", "emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.2,
+                "tied": False, "init": "pytorch", "optimizer": "sgd", "lr": 20.0, "clip": 0.25,
+                "epochs": 40, "batch_size": 20, "eval_batch_size": 10, "bptt": 35,
+                "decay": "plateau", "lr_decay": 4.0, "patience": 0, "eval_interval": 0},
+}
 METRICS_LOG = "metrics.jsonl"
 METRICS_PLOT = "metrics.png"
 # With no validation split, this fraction of the training tokens is held out as one.
@@ -133,12 +143,29 @@ def _bands(text: str) -> list[list[int]]:
   return pairs
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The argument parser of `python -m train` (every flag documented with its default)."""
+def _recipe_text(name: str) -> str:
+  flags = []
+  for key, value in RECIPES[name].items():
+    flag = "--" + key.replace("_", "-")
+    flags.append(flag if value is True else f"{flag} {value:g}" if isinstance(value, float)
+                 else None if value is False else f"{flag} {value}")
+  return " ".join(f for f in flags if f)
+
+
+def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
+  """The argument parser of `python -m train` (every flag documented with its default).
+
+  Args:
+    recipe: a name of `RECIPES` whose values become the defaults, or None.
+  """
   p = _Parser(prog="python -m train", allow_abbrev=False,
               formatter_class=_HelpFormatter,
               description="Train a recurrent language model with any softmax alternative; "
                           "report the exact test perplexity.")
+  p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                 help="set the other flags' defaults to a recipe's (flags given explicitly "
+                      "still win); pytorch: PyTorch's word_language_model main.py at its "
+                      f"defaults, {_recipe_text('pytorch')}")
   data = p.add_argument_group("data")
   data.add_argument("--data", default=SYNTHETIC,
                     help="a corpus folder (train.txt/valid.txt/test.txt, ptb.*.txt, "
@@ -177,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "selfnorm")
   model.add_argument("--grad", choices=GRADS, default="autodiff",
                      help="BPTT by autodiff or by the hand-derived recursion")
+  model.add_argument("--init", choices=INITS, default="default",
+                     help="initial parameters: default (the LSTM's forget-gate bias 1, the "
+                          "softmax table N(0, 1/H)) or pytorch (word_language_model's: every "
+                          "recurrent tensor U(-1/sqrt(H), 1/sqrt(H)), the table U(-0.1, 0.1), "
+                          "zero output biases)")
 
   out = p.add_argument_group("output layer")
   out.add_argument("--softmax", choices=SOFTMAXES, default="full",
@@ -258,7 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="many hosts: the number of processes")
   scale.add_argument("--process-id", type=_non_negative_int, default=None,
                      help="many hosts: this process's index, from 0")
+  if recipe is not None:
+    p.set_defaults(**RECIPES[recipe])
   return p
+
+
+def _recipe_of(argv) -> str | None:
+  """The `--recipe` of a command line, read before the parser whose defaults it sets."""
+  pre = _Parser(prog="python -m train", add_help=False, allow_abbrev=False)
+  pre.add_argument("--recipe", choices=tuple(RECIPES), default=None)
+  return pre.parse_known_args(argv)[0].recipe
 
 
 def _explicit(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -343,7 +384,8 @@ def _model_config(args, vocab_size: int) -> ModelConfig:
       softmax=args.softmax, num_samples=args.num_samples, sampler=args.sampler,
       cutoffs=None if args.cutoffs is None else tuple(args.cutoffs),
       bands=None if args.bands is None else tuple(tuple(b) for b in args.bands),
-      classes=args.classes, alpha=args.alpha, div_value=args.div_value, grad=args.grad)
+      classes=args.classes, alpha=args.alpha, div_value=args.div_value, grad=args.grad,
+      init=getattr(args, "init", "default"))  # a run saved before --init existed
 
 
 def model_from_config(config: dict, vocab):
@@ -559,8 +601,9 @@ def main(argv=None) -> int:
   training; 1 if training diverged or the system failed (a full disk); 130 if interrupted.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
   try:
+    recipe = _recipe_of(argv)
+    parser = build_parser(recipe)
     args = parser.parse_args(argv)
   except SystemExit as e:
     return int(e.code or 0)

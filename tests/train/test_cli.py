@@ -1,5 +1,6 @@
 """Tests of `python -m train`: every output layer trains, bad input exits 2, the final report."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import train
-from tests.train._tiny import TINY, valid_lines
+from tests.train._tiny import TINY, records, valid_lines
 from train import _cli
 from train._model import SOFTMAXES
 
@@ -206,6 +207,50 @@ def test_quiet_does_what_its_help_says(capsys):
     progress = [line for line in out.splitlines() if line.startswith("| epoch")]
     assert len(progress) == lines, out
     assert "| end of training | step 10 |" in out and err == ""
+
+
+def _lr_at_evaluations(run):
+  """`(valid ppl, lr in force when it was measured)` of every evaluation after step 0."""
+  return [(r["valid_ppl"], r["lr"]) for r in records(run, "valid") if r["step"] > 0]
+
+
+def test_the_pytorch_recipe_anneals_on_a_plateau_only_and_never_stops_early(tmp_path, capsys):
+  # PyTorch's word_language_model main.py: lr 20, then `lr /= 4` after every evaluation whose
+  # validation loss is not below the best so far; no early stop. Tiny sizes, evaluations every
+  # 20 steps besides the epoch ends (94 windows each), so that both cases occur.
+  run = tmp_path / "run"
+  tiny = ["--synthetic-tokens", "3000", "--synthetic-vocab", "30", "--emsize", "16", "--nhid",
+          "16", "--batch-size", "4", "--bptt", "8", "--eval-batch-size", "4", "--quiet"]
+  code, out, err = _main(["--recipe", "pytorch", "--epochs", "2", "--eval-interval", "20",
+                          "--save", str(run)] + tiny, capsys)
+  assert code == 0, err
+  assert "| model | lstm 2x16, emsize 16, dropout 0.2, softmax full" in out
+  assert "sgd lr 20, clip 0.25" in out and "| end of training | step 188 |" in out
+  config = json.loads((run / "config.json").read_text())["config"]
+  assert {k: config[k] for k in ("decay", "lr_decay", "patience", "init")} == {
+      "decay": "plateau", "lr_decay": 4.0, "patience": 0, "init": "pytorch"}
+  seen = _lr_at_evaluations(run)
+  lr, best, expected, decays = 20.0, None, [], 0
+  for ppl, _ in seen:  # main.py's rule, written out
+    expected.append(lr)
+    if best is None or ppl < best:
+      best = ppl
+    else:
+      lr, decays = lr / 4.0, decays + 1
+  assert [lr for _, lr in seen] == pytest.approx(expected, rel=1e-6)
+  assert 0 < decays < len(seen) - 1, seen  # both branches of the rule were taken
+
+  # Ours, --decay epoch: divided by --lr-decay at each epoch end from --decay-after on, whatever
+  # the validation perplexity does.
+  run = tmp_path / "epoch"
+  code, out, err = _main(TINY + ["--decay", "epoch", "--decay-after", "1", "--lr-decay", "2",
+                                 "--epochs", "3", "--eval-interval", "40", "--patience", "0",
+                                 "--save", str(run)], capsys)
+  assert code == 0, err
+  steps = [r["step"] for r in records(run, "valid") if r["step"] > 0]
+  assert steps == [40, 80, 94, 120, 160, 188, 200, 240, 280, 282]
+  want = [5e-3 / 2 ** ((s - 1) // 94) for s in steps]  # the epoch ends before the step
+  assert [lr for _, lr in _lr_at_evaluations(run)] == pytest.approx(want, rel=1e-6)
 
 
 def test_generate_samples_and_beam_searches_from_a_run(tmp_path, capsys):
