@@ -71,6 +71,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     raise ValueError(f"--checkpoint `{run_dir}` is not a run folder.")
   config = load_config(run_dir)
   vocab = load_vocab(run_dir)
+  if args.top_k is not None and args.top_k > len(vocab):
+    raise ValueError(f"--top-k {args.top_k} is larger than the run's vocabulary "
+                     f"({len(vocab)} tokens).")
   model = model_from_config(config, vocab)
   level = "char" if config.get("level") == "char" else "word"
   opt = optimizer(config["optimizer"], config["lr"], clip=config["clip"] or None,

@@ -271,3 +271,6 @@ def test_generate_samples_and_beam_searches_from_a_run(tmp_path, capsys):
   assert all(len(line.split()) == 6 for line in lines)  # the score, then 5 words
   assert generate.main(["--checkpoint", str(tmp_path / "absent")]) == 2
   assert "not a run folder" in capsys.readouterr().err
+  assert generate.main(["--checkpoint", str(run), "--top-k", "40"]) == 2
+  assert capsys.readouterr().err == ("error: --top-k 40 is larger than the run's vocabulary "
+                                     "(31 tokens).\n")
