@@ -268,7 +268,7 @@ class Run:
     per_window = [int(w.mask.sum()) for w in self.windows]
     seconds, previous = 0.0, 0
     for r in self.log.records:
-      if r["event"] != "train":
+      if r["event"] != "train" or r["tokens_per_s"] is None:  # None: one untimed step alone
         continue
       steps = range(previous, r["step"])
       tokens = sum(per_window[s % self.per_epoch] for s in steps)

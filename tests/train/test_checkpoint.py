@@ -369,6 +369,14 @@ def test_run_folder_holds_config_vocab_log_and_plot(tmp_path):
   assert [r["step"] for r in train_records] == [5, 6]
   assert all(r["train_ppl"] > 1 and r["tokens_per_s"] > 0 and r["lr"] > 0
              for r in train_records)
+
+
+def test_the_logged_speed_leaves_out_the_compiling_first_step(tmp_path):
+  run = tmp_path / "run"
+  assert _cli.main(TINY + ["--max-steps", "3", "--log-interval", "1", "--save", str(run)]) == 0
+  # The first step compiles: it is not timed, so its record has no rate; the others have one.
+  rates = [r["tokens_per_s"] for r in records(run, "train")]
+  assert rates[0] is None and len(rates) == 3 and all(r > 0 for r in rates[1:])
   assert (run / "metrics.png").stat().st_size > 1000
 
 
