@@ -27,8 +27,6 @@ is one draw from each framework's dropout masks and initialisation.
 
 from __future__ import annotations
 
-import time
-
 from benchmarks import _harness as h
 from benchmarks import _peers
 from benchmarks import _quality as q
@@ -56,46 +54,18 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
 
 
 def _run(ctx: h.Context) -> list[h.SummaryRow]:
-  torch = h.optional_torch()
-  if torch is None:
-    raise RuntimeError("the recipe suite compares against PyTorch; install torch (CPU build).")
   from benchmarks import _torch_lm as tlm
   s = settings(ctx.seed)
-  load_start = q.machine_note(ctx)
-  data, note = _peers._data(ctx, s)
-  ours = q.Run("full", data, s)
-  torch.manual_seed(s.seed)
+  torch, data, note, ours, load_start = _peers.prepare(ctx, "recipe", s)
   lm = tlm.LSTMLM(len(data.corpus.vocab), s.emsize, s.nhid, s.nlayers, s.dropout)
   trainer = tlm.trainer(lm, data.train, bptt=s.bptt, lr=s.lr, clip=s.clip,
                         optimizer=s.optimizer)
-  torch_valid, torch_valid_s, torch_epoch_s = [], 0.0, []
   bar = ctx.progress("recipe", 1 + 2 * s.epochs + 2)
   try:
     bar.set_postfix_str("compile")
     ours.compile(data.valid)
     bar.update(1)
-    for epoch in range(1, s.epochs + 1):
-      order = ("ours", "torch") if epoch % 2 else ("torch", "ours")
-      for who in order:
-        bar.set_postfix_str(f"epoch {epoch}/{s.epochs} {who}")
-        if who == "ours":
-          ours.train_epoch(epoch, data)
-        else:
-          torch_epoch_s.append(tlm.train_epoch(trainer))
-          t0 = time.perf_counter()
-          ppl = tlm.evaluate(lm, data.valid, bptt=s.bptt).perplexity
-          torch_valid_s += time.perf_counter() - t0
-          torch_valid.append(ppl)
-          tlm.end_epoch(trainer, ppl, decay=s.decay, lr_decay=s.lr_decay)
-        time.sleep(h.PAUSE_S)
-        bar.update(1)
-    bar.set_postfix_str("test")
-    ours.finish(data)
-    bar.update(1)
-    t0 = time.perf_counter()
-    torch_test = tlm.evaluate(lm, data.test, bptt=s.bptt, state_dict=trainer.state["best_state"])
-    torch_test_s = time.perf_counter() - t0
-    bar.update(1)
+    side = _peers.alternate(ours, trainer, data, s, bar)
   finally:
     bar.close()
   load_end = q.machine_note(ctx)
@@ -114,14 +84,14 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
                "compile_s": ours_compile_s,
                "wall_s": ours_compile_s + ours_fit_s + mine["test_eval_s"]},
       "torch": {"framework": f"PyTorch {torch.__version__} (`main.py`'s loop, eager)",
-                "test_ppl": torch_test.perplexity, "valid_curve": torch_valid,
+                "test_ppl": side.test.perplexity, "valid_curve": side.valid_curve,
                 "train_tok_s": trainer.state["tokens"] / trainer.state["train_s"],
                 "train_tokens": trainer.state["tokens"],
                 "epoch_tok_s": [trainer.state["tokens"] / s.epochs / sec
-                                for sec in torch_epoch_s],
-                "train_s": trainer.state["train_s"], "eval_s": torch_valid_s + torch_test_s,
+                                for sec in side.epoch_s],
+                "train_s": trainer.state["train_s"], "eval_s": side.valid_s + side.test_s,
                 "compile_s": None,
-                "wall_s": trainer.state["train_s"] + torch_valid_s + torch_test_s},
+                "wall_s": trainer.state["train_s"] + side.valid_s + side.test_s},
   }
   speed_ratio = rows["ours"]["train_tok_s"] / rows["torch"]["train_tok_s"]
   ppl_ratio = rows["ours"]["test_ppl"] / rows["torch"]["test_ppl"]
