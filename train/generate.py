@@ -84,7 +84,8 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.step is None:
       found = checkpoints.restore_intact(like, best=True)
       if found is None:
-        raise ValueError(f"`{run_dir}` holds no intact checkpoint.")
+        what = "intact checkpoint" if checkpoints.damaged else "checkpoint yet"
+        raise ValueError(f"`{run_dir}` holds no {what}.")
       state = found[1]
     else:
       state, _ = checkpoints.restore(like, args.step)

@@ -322,6 +322,9 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_restarted(
                              str(run)]) == 130
   capsys.readouterr()
   assert (run / "config.json").is_file() and not any((run / "checkpoints").iterdir())
+  from train import generate
+  assert generate.main(["--checkpoint", str(run)]) == 2
+  assert capsys.readouterr().err == f"error: `{run}` holds no checkpoint yet.\n"
   code, out, err = _resume(run, capsys, "--max-steps", "4")
   assert code == 0, err
   assert "holds no checkpoint yet" in out and "starting it from step 0" in out
