@@ -126,7 +126,7 @@ class Checkpoints:
     self._warn = _warn_stderr if warn is None else warn
     self._root = self.path.absolute()          # orbax wants absolute paths
     _CLOSED_LOOP_CALLBACKS.install()
-    self.damaged: dict[int, str] = {}
+    self.damaged: dict[int, CorruptCheckpoint] = {}  # step -> why it was skipped
     if not self.read_only:
       remove_tmp_dirs(self.directory)  # half-written saves of a killed process
     self._names = _SkipSteps(set())
@@ -157,7 +157,7 @@ class Checkpoints:
   def _set_aside(self, error: CorruptCheckpoint) -> None:
     """Skips a damaged checkpoint from now on (moved to `DIR/damaged/` unless read-only)."""
     step = error.step
-    self.damaged[step] = str(error)
+    self.damaged[step] = error
     self._names.skip.add(step)
     note = "Skipped."
     if not self.read_only and _distributed_primary():
@@ -255,7 +255,7 @@ class Checkpoints:
       if step is None:
         raise ValueError(f"no checkpoint to resume from in `{self.path}`.")
     if step in self.damaged:
-      raise ValueError(self.damaged[step])
+      raise self.damaged[step]
     if step not in self.steps():
       raise ValueError(f"no checkpoint of step {step} in `{self.path}` (steps: {self.steps()}).")
     where, shown = self._root / str(step), self.path / str(step)
@@ -372,10 +372,10 @@ class _ClosedLoopCallbacks:
       previous(unraisable)
 
     sys.unraisablehook = hook
-    # The tasks of those reads that failed as well are reported when collected.
+    # The tasks and futures of those reads that failed as well are reported when collected.
     logging.getLogger("asyncio").addFilter(
         lambda record: not (self.failed and record.getMessage().startswith(
-            "Task exception was never retrieved")))
+            ("Task exception was never retrieved", "Future exception was never retrieved"))))
     self.installed = True
 
   def read_failed(self, *, quiet_s: float = 0.2, most_s: float = 2.0) -> None:

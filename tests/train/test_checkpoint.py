@@ -36,13 +36,18 @@ def _state(value, step):
   return _State(jnp.full((3, 2), value, jnp.float32), jnp.asarray(step, jnp.int32))
 
 
-def _final_state(run_dir, argv):
-  """Restores the latest checkpoint of a run into the structure of a fresh state."""
+def _like(argv):
+  """A fresh `TrainState` of the run a command line describes."""
   args = _cli.build_parser().parse_args(argv)
   corpus = _cli._load_corpus(args)
   model = _cli.model_from_config(vars(args), corpus.vocab)
   opt = train.optimizer(args.optimizer, args.lr, clip=args.clip or None, sparse_output=True)
-  like = train.init_train_state(model, opt, jax.random.key(0), args.batch_size)
+  return train.init_train_state(model, opt, jax.random.key(0), args.batch_size)
+
+
+def _final_state(run_dir, argv):
+  """Restores the latest checkpoint of a run into the structure of a fresh state."""
+  like = _like(argv)
   checkpoints = train.Checkpoints(run_dir)
   try:
     return checkpoints.restore(like)
@@ -274,10 +279,17 @@ def _garble_arrays(step_dir):
     path.write_bytes(b"\x00garbage" * 3)
 
 
-def test_a_checkpoint_with_garbled_arrays_is_skipped_when_read(tmp_path, capsys):
+def test_a_checkpoint_with_garbled_arrays_is_skipped(tmp_path, capsys):
   run = _trained_run(tmp_path)
-  _garble_arrays(run / "checkpoints" / "6")  # its metadata reads: only the restore fails
+  _garble_arrays(run / "checkpoints" / "6")
   garbled = files_snapshot(run / "checkpoints" / "6")
+  warnings = []
+  reader = train.Checkpoints(run, read_only=True, warn=warnings.append)
+  assert reader.steps() == [3] and list(reader.damaged) == [6] and len(warnings) == 1
+  with pytest.raises(train.CorruptCheckpoint, match="checkpoints/6` is damaged") as caught:
+    reader.restore(_like(TINY), 6)
+  assert caught.value.step == 6 and str(caught.value) in warnings[0]
+  reader.close()
   code, out, err = _resume(run, capsys, "--max-steps", "6")
   assert code == 0, err
   assert "| resume | step 3" in out
