@@ -187,11 +187,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
   md += (f"\n**Bar** (ours >= {BAR_SPEED:g}x torch's tokens/s at a test perplexity within "
          f"{BAR_PPL:.0%}): step throughput {step_ratio:.2f}x, training run {train_ratio:.2f}x, "
          f"perplexity {ppl_ratio:.3f}x torch's: {'met' if met else 'NOT met'}.\n")
-  paths = ctx.write("peers", md, {"settings": s._asdict(), "corpus": data.spec.name,
-                                  "vocab_size": len(data.corpus.vocab), "tokens": data.sizes,
-                                  "note": note, "rows": rows, "step_ratio": step_ratio,
-                                  "train_ratio": train_ratio, "ppl_ratio": ppl_ratio,
-                                  "bar_met": met})
+  paths = ctx.write("peers", md, {**described(s, data, note), "rows": rows,
+                                  "step_ratio": step_ratio, "train_ratio": train_ratio,
+                                  "ppl_ratio": ppl_ratio, "bar_met": met})
   return [
       h.SummaryRow("peers", "ours vs torch LSTM LM, step tok/s", h.fmt_ratio(step_ratio)),
       h.SummaryRow("peers", "ours vs torch LSTM LM, training-run tok/s", h.fmt_ratio(train_ratio)),
@@ -200,6 +198,12 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
                    f"({ppl_ratio:.3f}x); bar {'met' if met else 'NOT met'}"),
       h.SummaryRow("peers", "table", h.display_path(paths[0])),
   ]
+
+
+def described(s: q.Settings, data: q.Data, note: str | None) -> dict:
+  """The settings and the data of a run against PyTorch, as its JSON file records them."""
+  return {"settings": s._asdict(), "corpus": data.spec.name,
+          "vocab_size": len(data.corpus.vocab), "tokens": data.sizes, "note": note}
 
 
 class TorchSide(NamedTuple):

@@ -132,11 +132,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
   md += (f"\n**Bar** (test perplexity within {BAR_PPL:.0%} of PyTorch's at >= {BAR_SPEED:g}x "
          f"its training tokens/s): perplexity {ppl_ratio:.3f}x, tokens/s {speed_ratio:.2f}x: "
          f"{'met' if met else 'NOT met'}.\n")
-  paths = ctx.write("recipe", md, {"settings": s._asdict(), "corpus": data.spec.name,
-                                   "vocab_size": len(data.corpus.vocab), "tokens": data.sizes,
-                                   "note": note, "command": command, "rows": rows,
-                                   "speed_ratio": speed_ratio, "ppl_ratio": ppl_ratio,
-                                   "bar_met": met})
+  paths = ctx.write("recipe", md, {**_peers.described(s, data, note), "command": command,
+                                   "rows": rows, "speed_ratio": speed_ratio,
+                                   "ppl_ratio": ppl_ratio, "bar_met": met})
   return [
       h.SummaryRow("recipe", "test ppl ours / torch",
                    f"{rows['ours']['test_ppl']:.2f} / {rows['torch']['test_ppl']:.2f} "
