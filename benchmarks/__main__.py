@@ -19,6 +19,7 @@ SUITE_MODULES = (
     "benchmarks._softmax",
     "benchmarks._quality",
     "benchmarks._peers",
+    "benchmarks._recipe",
     "benchmarks._gradients",
     "benchmarks._memory",
     "benchmarks._scaling",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,16 +84,28 @@ def run(ctx: h.Context) -> list[h.SummaryRow]:
     return _run(ctx)
 
 
-def _run(ctx: h.Context) -> list[h.SummaryRow]:
+def prepare(ctx: h.Context, suite: str, s: q.Settings):
+  """The data and our run of a suite against PyTorch, after checking torch is there.
+
+  Returns:
+    `(torch, data, note, ours, load_start)`: the torch module (seeded with `s.seed`), the
+    `Data`, a note when the synthetic source replaced WikiText-2 (else None), our `Run` of the
+    full softmax, and the machine's load before anything ran.
+  """
   torch = h.optional_torch()
   if torch is None:
-    raise RuntimeError("the peers suite compares against PyTorch; install torch (CPU build).")
-  from benchmarks import _torch_lm as tlm
-  s = q.QUICK._replace(seed=ctx.seed) if ctx.quick else q.FULL._replace(seed=ctx.seed)
+    raise RuntimeError(f"the {suite} suite compares against PyTorch; install torch (CPU build).")
   load_start = q.machine_note(ctx)
   data, note = _data(ctx, s)
   ours = q.Run("full", data, s)
   torch.manual_seed(s.seed)
+  return torch, data, note, ours, load_start
+
+
+def _run(ctx: h.Context) -> list[h.SummaryRow]:
+  from benchmarks import _torch_lm as tlm
+  s = q.QUICK._replace(seed=ctx.seed) if ctx.quick else q.FULL._replace(seed=ctx.seed)
+  torch, data, note, ours, load_start = prepare(ctx, "peers", s)
   lm = tlm.from_ours(ours.model, ours.state.params)
   trainer = tlm.trainer(lm, data.train, bptt=s.bptt, lr=s.lr, clip=s.clip)
   repeats = ctx.repeats(full=60, quick=3)
@@ -108,28 +121,7 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
     stats = h.interleave(calls, repeats=repeats, warmup=warmup, budget_s=ctx.budget(BUDGET_S),
                          min_repeats=MIN_REPEATS, bar=bar)
 
-    torch_valid = []
-    for epoch in range(1, s.epochs + 1):
-      order = ("ours", "torch") if epoch % 2 else ("torch", "ours")
-      for who in order:
-        bar.set_postfix_str(f"epoch {epoch}/{s.epochs} {who}")
-        if who == "ours":
-          ours.train_epoch(epoch, data)
-        else:
-          tlm.train_epoch(trainer)
-          ppl = tlm.evaluate(lm, data.valid, bptt=s.bptt).perplexity
-          torch_valid.append(ppl)
-          tlm.end_epoch(trainer, ppl, lr_decay=s.lr_decay, decay_after=s.decay_after)
-        time.sleep(h.PAUSE_S)
-        bar.update(1)
-    bar.set_postfix_str("test")
-    ours.finish(data)
-    bar.update(1)
-    t0 = time.perf_counter()
-    torch_test = tlm.evaluate(lm, data.test, bptt=s.bptt,
-                              state_dict=trainer.state["best_state"])
-    torch_test_s = time.perf_counter() - t0
-    bar.update(1)
+    side = alternate(ours, trainer, data, s, bar)
   finally:
     bar.close()
   load_end = q.machine_note(ctx)
@@ -151,9 +143,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
                 "train_tok_s": trainer.state["tokens"] / trainer.state["train_s"],
                 "train_steps_s": trainer.state["train_s"],
                 "train_tokens": trainer.state["tokens"],
-                "valid_curve": torch_valid, "best_valid_ppl": trainer.state["best_valid"],
-                "test_ppl": torch_test.perplexity, "compile_s": None,
-                "test_eval_s": torch_test_s},
+                "valid_curve": side.valid_curve, "best_valid_ppl": trainer.state["best_valid"],
+                "test_ppl": side.test.perplexity, "compile_s": None,
+                "test_eval_s": side.test_s},
   }
   step_ratio = stats["torch"].median / stats["ours"].median
   train_ratio = rows["ours"]["train_tok_s"] / rows["torch"]["train_tok_s"]
@@ -195,11 +187,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
   md += (f"\n**Bar** (ours >= {BAR_SPEED:g}x torch's tokens/s at a test perplexity within "
          f"{BAR_PPL:.0%}): step throughput {step_ratio:.2f}x, training run {train_ratio:.2f}x, "
          f"perplexity {ppl_ratio:.3f}x torch's: {'met' if met else 'NOT met'}.\n")
-  paths = ctx.write("peers", md, {"settings": s._asdict(), "corpus": data.spec.name,
-                                  "vocab_size": len(data.corpus.vocab), "tokens": data.sizes,
-                                  "note": note, "rows": rows, "step_ratio": step_ratio,
-                                  "train_ratio": train_ratio, "ppl_ratio": ppl_ratio,
-                                  "bar_met": met})
+  paths = ctx.write("peers", md, {**described(s, data, note), "rows": rows,
+                                  "step_ratio": step_ratio, "train_ratio": train_ratio,
+                                  "ppl_ratio": ppl_ratio, "bar_met": met})
   return [
       h.SummaryRow("peers", "ours vs torch LSTM LM, step tok/s", h.fmt_ratio(step_ratio)),
       h.SummaryRow("peers", "ours vs torch LSTM LM, training-run tok/s", h.fmt_ratio(train_ratio)),
@@ -208,6 +198,67 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
                    f"({ppl_ratio:.3f}x); bar {'met' if met else 'NOT met'}"),
       h.SummaryRow("peers", "table", h.display_path(paths[0])),
   ]
+
+
+def described(s: q.Settings, data: q.Data, note: str | None) -> dict:
+  """The settings and the data of a run against PyTorch, as its JSON file records them."""
+  return {"settings": s._asdict(), "corpus": data.spec.name,
+          "vocab_size": len(data.corpus.vocab), "tokens": data.sizes, "note": note}
+
+
+class TorchSide(NamedTuple):
+  """What `alternate` measured of the torch model.
+
+  Attributes:
+    valid_curve: the validation perplexity after every epoch.
+    valid_s: seconds of those evaluations.
+    epoch_s: seconds of the training steps of every epoch.
+    test: the `train.Evaluation` of the test split, best-validation parameters.
+    test_s: its seconds.
+  """
+
+  valid_curve: list
+  valid_s: float
+  epoch_s: list
+  test: Any
+  test_s: float
+
+
+def alternate(ours: q.Run, trainer, data: q.Data, s: q.Settings, bar) -> TorchSide:
+  """Trains ours and the torch model epoch by epoch, alternating, then tests both.
+
+  Each epoch, the two train in turn (the order swapped every epoch, `_harness.PAUSE_S` after
+  each): ours by `train.fit` to the epoch's end (its validation included), the torch model one
+  `_torch_lm.train_epoch`, its validation and `_torch_lm.end_epoch` with the settings' schedule.
+  Both are then tested with their best-validation parameters. `bar` advances once per epoch of
+  each and once per test.
+  """
+  from benchmarks import _torch_lm as tlm
+  valid_curve, valid_s, epoch_s = [], 0.0, []
+  for epoch in range(1, s.epochs + 1):
+    order = ("ours", "torch") if epoch % 2 else ("torch", "ours")
+    for who in order:
+      bar.set_postfix_str(f"epoch {epoch}/{s.epochs} {who}")
+      if who == "ours":
+        ours.train_epoch(epoch, data)
+      else:
+        epoch_s.append(tlm.train_epoch(trainer))
+        t0 = time.perf_counter()
+        ppl = tlm.evaluate(trainer.lm, data.valid, bptt=s.bptt).perplexity
+        valid_s += time.perf_counter() - t0
+        valid_curve.append(ppl)
+        tlm.end_epoch(trainer, ppl, decay=s.decay, lr_decay=s.lr_decay,
+                      decay_after=s.decay_after)
+      time.sleep(h.PAUSE_S)
+      bar.update(1)
+  bar.set_postfix_str("test")
+  ours.finish(data)
+  bar.update(1)
+  t0 = time.perf_counter()
+  test = tlm.evaluate(trainer.lm, data.test, bptt=s.bptt, state_dict=trainer.state["best_state"])
+  test_s = time.perf_counter() - t0
+  bar.update(1)
+  return TorchSide(valid_curve, valid_s, epoch_s, test, test_s)
 
 
 def _epoch_tokens(run: q.Run, epochs: int) -> list[int]:

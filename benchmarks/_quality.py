@@ -79,6 +79,8 @@ class Settings(NamedTuple):
   patience: int = 3
   seed: int = 0
   synthetic_tokens: int = 100_000
+  init: str = "default"
+  decay: str = "epoch"
 
 
 FULL = Settings()
@@ -200,7 +202,8 @@ class Run:
     self.method = method
     self.settings = s
     config = train.ModelConfig(vocab_size=len(vocab), cell="lstm", emsize=s.emsize,
-                               nhid=s.nhid, nlayers=s.nlayers, dropout=s.dropout, softmax=method)
+                               nhid=s.nhid, nlayers=s.nlayers, dropout=s.dropout, softmax=method,
+                               init=s.init)
     self.model = train.language_model(config, vocab.counts)
     self.opt = train.optimizer(s.optimizer, s.lr, clip=s.clip or None, sparse_output=True)
     self.train_step = train.make_train_step(self.model, self.opt)
@@ -209,7 +212,7 @@ class Run:
     self.state = train.init_train_state(self.model, self.opt, init_key, s.batch_size)
     self.windows = train.bptt_windows(data.train, s.bptt, last="pad")
     self.loop_config = train.LoopConfig(
-        epochs=s.epochs, bptt=s.bptt, decay="epoch", lr_decay=s.lr_decay,
+        epochs=s.epochs, bptt=s.bptt, decay=s.decay, lr_decay=s.lr_decay,
         decay_after=s.decay_after, patience=s.patience, seed=s.seed)
     self.loop = None
     self.best = None
@@ -265,7 +268,7 @@ class Run:
     per_window = [int(w.mask.sum()) for w in self.windows]
     seconds, previous = 0.0, 0
     for r in self.log.records:
-      if r["event"] != "train":
+      if r["event"] != "train" or r["tokens_per_s"] is None:  # None: one untimed step alone
         continue
       steps = range(previous, r["step"])
       tokens = sum(per_window[s % self.per_epoch] for s in steps)
@@ -316,7 +319,7 @@ def cli_command(data: Data, s: Settings, method: str) -> str:
            "batch_size": s.batch_size, "eval_batch_size": s.eval_batch_size, "bptt": s.bptt,
            "optimizer": s.optimizer, "lr": s.lr, "clip": s.clip, "epochs": s.epochs,
            "lr_decay": s.lr_decay, "decay_after": s.decay_after, "patience": s.patience,
-           "seed": s.seed, "softmax": method}
+           "seed": s.seed, "softmax": method, "init": s.init, "decay": s.decay}
   parts = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else
            f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if defaults[k] != v]
   return " ".join(["python -m train", data.cli_data.replace(" (sliced)", ""), *parts])

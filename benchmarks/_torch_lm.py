@@ -1,20 +1,22 @@
 """The PyTorch peer of `train.language_model`: PyTorch's word_language_model recipe.
 
 An embedding, `torch.nn.LSTM`, dropout and a linear decoder over the whole vocabulary
-(`examples/word_language_model/model.py`, `RNNModel` with `rnn_type="LSTM"`), trained as its
-`main.py` trains it: windows of `bptt` steps read from time-major `[L, B]` columns, the hidden
-state carried from window to window and detached (`repackage_hidden`), the mean cross-entropy,
-gradients clipped to a global norm, and here Adam (PyTorch's example uses plain SGD; Adam is what
-`python -m train` uses by default). The learning-rate schedule, the held-out validation split
-and the choice of the best parameters follow `train.fit`, so that the two frameworks train the
-same model the same way:
+(`examples/word_language_model/model.py`, `RNNModel` with `rnn_type="LSTM"`, its `init_weights`
+included), trained as its `main.py` trains it: windows of `bptt` steps read from time-major
+`[L, B]` columns (the last one shorter), the hidden state carried from window to window and
+detached (`repackage_hidden`), the mean cross-entropy over the window's tokens, gradients clipped
+to a global norm, then an optimizer step. The optimizer and the learning-rate schedule are
+arguments, so that one loop serves both benchmarks:
 
-  * the learning rate is divided by `lr_decay` at the end of every epoch from epoch
-    `decay_after` on (`python -m train --decay epoch`);
-  * the parameters with the best validation perplexity are the ones tested.
+  * `main.py` itself (the `recipe` suite): plain SGD (`p -= lr * grad`, as `main.py` writes it
+    out) and `decay="plateau"`: the learning rate divided by `lr_decay` (4) after every epoch
+    whose validation loss is not below the best so far; `decay="none"` keeps it constant;
+  * `python -m train`'s defaults (the `peers` suite): Adam and `decay="epoch"`, the learning
+    rate divided by `lr_decay` at the end of every epoch from epoch `decay_after` on.
 
+Either way the parameters with the best validation perplexity are the ones tested.
 `from_ours` copies the weights of our model into the torch one (embedding, LSTM gates in
-PyTorch's order with `rnn.to_torch`, decoder), so both start from the same point.
+PyTorch's order with `rnn.to_torch`, decoder), so both can start from the same point.
 
 References:
   Zaremba, Sutskever and Vinyals, Recurrent neural network regularization, 2014.
@@ -120,7 +122,7 @@ class Trainer(NamedTuple):
 
   Attributes:
     lm: the `LSTMLM`.
-    opt: `torch.optim.Adam` over its parameters.
+    opt: `torch.optim.Adam` or `torch.optim.SGD` over its parameters.
     clip: the largest global gradient norm, or None.
     windows: the training windows, time-major `(inputs [n, B], targets [n, B])` tensors.
     state: mutable record: "hidden", "epoch", "best_valid", "best_state", "train_s",
@@ -134,18 +136,35 @@ class Trainer(NamedTuple):
   state: dict
 
 
-def trainer(lm: LSTMLM, train_data: np.ndarray, *, bptt: int, lr: float,
-            clip: float | None) -> Trainer:
-  """Adam (PyTorch's defaults but the learning rate) over `lm`, with `train_data [B, L]` windows."""
+def trainer(lm: LSTMLM, train_data: np.ndarray, *, bptt: int, lr: float, clip: float | None,
+            optimizer: str = "adam") -> Trainer:
+  """An optimizer over `lm`, with `train_data [B, L]` read in windows of `bptt` steps.
+
+  Args:
+    lm: the `LSTMLM`.
+    train_data: `[B, L]` batchified training ids.
+    bptt: the window length (the last window shorter, as `main.py` reads it).
+    lr: the initial learning rate.
+    clip: the largest global gradient norm, or None.
+    optimizer: "adam" (PyTorch's defaults but the learning rate) or "sgd" (plain, no momentum:
+      `main.py`'s `p.data.add_(p.grad, alpha=-lr)`).
+
+  Returns:
+    The `Trainer`.
+  """
   windows = [_time_major(w) for w in train.bptt_windows(train_data, bptt, last="keep")]
-  opt = torch.optim.Adam(lm.parameters(), lr=lr)
+  if optimizer not in ("adam", "sgd"):
+    raise ValueError(f"`optimizer` must be 'adam' or 'sgd'; got {optimizer!r}.")
+  make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+  opt = make(lm.parameters(), lr=lr)
   state = {"hidden": None, "epoch": 0, "best_valid": None, "best_state": None, "train_s": 0.0,
            "tokens": 0, "step": 0}
   return Trainer(lm, opt, clip, windows, state)
 
 
 def train_step(t: Trainer, inputs, targets) -> float:
-  """One window: forward, mean cross-entropy, backward, clip, Adam; the state carried, detached."""
+  """One window: forward, mean cross-entropy, backward, clip, the optimizer's step; the state
+  carried, detached."""
   lm, s = t.lm, t.state
   lm.train()
   if s["hidden"] is None:
@@ -179,15 +198,34 @@ def train_epoch(t: Trainer) -> float:
   return seconds
 
 
-def end_epoch(t: Trainer, valid_ppl: float, *, lr_decay: float, decay_after: int) -> None:
-  """Keeps the best parameters and decays the learning rate, as `train.fit --decay epoch`."""
+def end_epoch(t: Trainer, valid_ppl: float, *, decay: str = "epoch", lr_decay: float,
+              decay_after: int = 0) -> None:
+  """Keeps the best parameters and decays the learning rate after an epoch's validation.
+
+  Args:
+    t: the `Trainer`.
+    valid_ppl: the validation perplexity after the epoch.
+    decay: "epoch" (divide by `lr_decay` once `decay_after` epochs are done, as
+      `python -m train --decay epoch`), "plateau" (divide when `valid_ppl` is not below the best
+      so far, `main.py`'s rule) or "none".
+    lr_decay: the divisor.
+    decay_after: with "epoch", the epochs at the initial learning rate.
+  """
   s = t.state
-  if s["best_valid"] is None or valid_ppl < s["best_valid"]:
+  improved = s["best_valid"] is None or valid_ppl < s["best_valid"]
+  if improved:
     s["best_valid"] = valid_ppl
     s["best_state"] = copy.deepcopy(t.lm.state_dict())
-  if s["epoch"] >= decay_after:
+  if decay not in ("epoch", "plateau", "none"):
+    raise ValueError(f"`decay` must be 'epoch', 'plateau' or 'none'; got {decay!r}.")
+  if (decay == "epoch" and s["epoch"] >= decay_after) or (decay == "plateau" and not improved):
     for group in t.opt.param_groups:
       group["lr"] /= lr_decay
+
+
+def learning_rate(t: Trainer) -> float:
+  """The learning rate in force."""
+  return float(t.opt.param_groups[0]["lr"])
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from train._loop import FitResult
 from train._loop import LoopConfig
 from train._loop import fit
 from train._checkpoint import Checkpoints
+from train._checkpoint import CorruptCheckpoint
 from train._metrics import MetricsLog
 from train._metrics import plot_metrics
 from train._metrics import read_metrics

@@ -25,22 +25,33 @@ import numpy as np
 
 from train import _distributed
 from train._batching import batchify
-from train._checkpoint import (Checkpoints, config_differences, has_run, load_config, load_vocab,
-                               save_config, save_vocab)
-from train._corpus import read_corpus
+from train._checkpoint import (Checkpoints, config_differences, has_checkpoints, has_run,
+                               load_config, load_vocab, record_resume, save_config, save_vocab)
+from train._corpus import DEFAULT_FRACTIONS, read_corpus_named
 from train._loop import DECAYS, LoopConfig, fit, new_loop_record, train_keys
 from train._metrics import MetricsLog, plot_metrics, read_metrics
-from train._model import CELLS, GRADS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
+from train._model import CELLS, GRADS, INITS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
 from train._step import (OPTIMIZERS, init_train_state, make_evaluator, make_train_step,
                          optimizer)
 from train._synthetic import SyntheticCorpus, synthetic_corpus
 
 SYNTHETIC = "synthetic"
+SPLIT_FLAGS = {"train": "--train-split", "valid": "--valid-split", "test": "--eval-split"}
 # Flags that may take a new value when a run is resumed; every other flag must match the run's.
 RESUMABLE = ("epochs", "max_steps", "patience", "log_interval", "keep",
              "eval_batch_size")
 # Flags that describe this invocation, not the run: never saved.
 TRANSIENT = ("save", "resume", "quiet", "mesh", "coordinator", "num_processes", "process_id")
+# Presets of flag defaults (flags given explicitly still win). "pytorch": PyTorch's
+# word_language_model example (examples/word_language_model/main.py) at its defaults, its LSTM
+# and its training loop: plain SGD, clipping, the learning rate divided by 4 whenever the
+# validation loss does not improve, no early stop, its initialisation.
+RECIPES = {
+    "pytorch": {"cell": "lstm", "emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.2,
+                "tied": False, "init": "pytorch", "optimizer": "sgd", "lr": 20.0, "clip": 0.25,
+                "epochs": 40, "batch_size": 20, "eval_batch_size": 10, "bptt": 35,
+                "decay": "plateau", "lr_decay": 4.0, "patience": 0, "eval_interval": 0},
+}
 METRICS_LOG = "metrics.jsonl"
 METRICS_PLOT = "metrics.png"
 # With no validation split, this fraction of the training tokens is held out as one.
@@ -71,6 +82,18 @@ def _positive_int(text: str) -> int:
   if value <= 0:
     raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
   return value
+
+
+def _int_at_least(low: int, why: str):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be at least {low} ({why}); got {value}")
+    return value
+  return parse
 
 
 def _non_negative_int(text: str) -> int:
@@ -120,12 +143,29 @@ def _bands(text: str) -> list[list[int]]:
   return pairs
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The argument parser of `python -m train` (every flag documented with its default)."""
+def _recipe_text(name: str) -> str:
+  flags = []
+  for key, value in RECIPES[name].items():
+    flag = "--" + key.replace("_", "-")
+    flags.append(flag if value is True else f"{flag} {value:g}" if isinstance(value, float)
+                 else None if value is False else f"{flag} {value}")
+  return " ".join(f for f in flags if f)
+
+
+def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
+  """The argument parser of `python -m train` (every flag documented with its default).
+
+  Args:
+    recipe: a name of `RECIPES` whose values become the defaults, or None.
+  """
   p = _Parser(prog="python -m train", allow_abbrev=False,
               formatter_class=_HelpFormatter,
               description="Train a recurrent language model with any softmax alternative; "
                           "report the exact test perplexity.")
+  p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                 help="set the other flags' defaults to a recipe's (flags given explicitly "
+                      "still win); pytorch: PyTorch's word_language_model main.py at its "
+                      f"defaults, {_recipe_text('pytorch')}")
   data = p.add_argument_group("data")
   data.add_argument("--data", default=SYNTHETIC,
                     help="a corpus folder (train.txt/valid.txt/test.txt, ptb.*.txt, "
@@ -140,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the test split's file or split name")
   data.add_argument("--level", choices=("word", "char"), default="word",
                     help="tokens are words (one <eos> per line) or characters")
-  data.add_argument("--max-vocab", type=_positive_int, default=None,
+  data.add_argument("--max-vocab", type=_int_at_least(2, "<unk> and <eos> are always kept"),
+                    default=None,
                     help="keep the most frequent words only (<unk> and <eos> included)")
   data.add_argument("--synthetic-tokens", type=_positive_int, default=500_000,
                     help="training tokens of the synthetic corpus (valid and test: a tenth)")
@@ -163,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "selfnorm")
   model.add_argument("--grad", choices=GRADS, default="autodiff",
                      help="BPTT by autodiff or by the hand-derived recursion")
+  model.add_argument("--init", choices=INITS, default="default",
+                     help="initial parameters: default (the LSTM's forget-gate bias 1, the "
+                          "softmax table N(0, 1/H)) or pytorch (word_language_model's: every "
+                          "recurrent tensor U(-1/sqrt(H), 1/sqrt(H)), the table U(-0.1, 0.1), "
+                          "zero output biases)")
 
   out = p.add_argument_group("output layer")
   out.add_argument("--softmax", choices=SOFTMAXES, default="full",
@@ -227,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--log-interval", type=_positive_int, default=100,
                    help="steps between progress updates and metrics log records")
   run.add_argument("--quiet", action="store_true",
-                   help="no progress bar or periodic lines (also off when stderr is not a TTY)")
+                   help="no progress bar and no periodic lines (without it: a progress bar when "
+                        "stderr is a terminal, else a line on stdout every --log-interval "
+                        "steps); the evaluations and the summary are printed either way")
 
   scale = p.add_argument_group("scale-out (see the README's \"Scaling out\")")
   scale.add_argument("--mesh", default=None,
@@ -242,7 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="many hosts: the number of processes")
   scale.add_argument("--process-id", type=_non_negative_int, default=None,
                      help="many hosts: this process's index, from 0")
+  if recipe is not None:
+    p.set_defaults(**RECIPES[recipe])
   return p
+
+
+def _recipe_of(argv) -> str | None:
+  """The `--recipe` of a command line, read before the parser whose defaults it sets."""
+  pre = _Parser(prog="python -m train", add_help=False, allow_abbrev=False)
+  pre.add_argument("--recipe", choices=tuple(RECIPES), default=None)
+  return pre.parse_known_args(argv)[0].recipe
 
 
 def _explicit(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -298,9 +355,16 @@ def _load_corpus(args):
   if not path.exists():
     raise ValueError(f"--data `{args.data}` does not exist (a corpus folder, a text file, or "
                      "'synthetic').")
-  return read_corpus(path, level=args.level, train_split=args.train_split,
-                     valid_split=args.valid_split, test_split=args.eval_split,
-                     max_size=args.max_vocab)
+  return read_corpus_named(path, level=args.level, train_split=args.train_split,
+                           valid_split=args.valid_split, test_split=args.eval_split,
+                           fractions=DEFAULT_FRACTIONS, max_size=args.max_vocab, min_count=1,
+                           spell=_split_flag)
+
+
+def _split_flag(split: str, value=None) -> str:
+  """How messages write a split argument: by its flag, `--eval-split test.txt`."""
+  flag = SPLIT_FLAGS[split]
+  return flag if value is None else f"{flag} {value}"
 
 
 def _splits(corpus, echo):
@@ -320,7 +384,8 @@ def _model_config(args, vocab_size: int) -> ModelConfig:
       softmax=args.softmax, num_samples=args.num_samples, sampler=args.sampler,
       cutoffs=None if args.cutoffs is None else tuple(args.cutoffs),
       bands=None if args.bands is None else tuple(tuple(b) for b in args.bands),
-      classes=args.classes, alpha=args.alpha, div_value=args.div_value, grad=args.grad)
+      classes=args.classes, alpha=args.alpha, div_value=args.div_value, grad=args.grad,
+      init=getattr(args, "init", "default"))  # a run saved before --init existed
 
 
 def model_from_config(config: dict, vocab):
@@ -374,42 +439,64 @@ def _describe(model) -> str:
           f"{c.softmax}{extra}")
 
 
+def _start_run(args, model, vocab, run_dir):
+  """Writes a new run's config and vocabulary; returns its metrics log."""
+  config = _run_config(args)
+  config["model"] = model.config._asdict()
+  if _distributed.is_primary():  # with many processes, one writes the run's files
+    save_config(run_dir, config)
+    save_vocab(run_dir, vocab)
+  _distributed.barrier("train:run-folder")
+  return MetricsLog(run_dir / METRICS_LOG) if _distributed.is_primary() else None
+
+
 def _open_run(args, model, vocab, state, echo):
-  """Opens the run folder: resumes from its latest checkpoint, or starts it.
+  """Opens the run folder: resumes from its latest intact checkpoint, or starts it.
+
+  A damaged checkpoint is skipped with a warning (and set aside in `DIR/damaged/`), the latest
+  intact one used. A folder whose run stopped before its first checkpoint starts again from
+  step 0 with its saved config.
 
   Returns:
     `(checkpoints, log, state, loop, best)`.
   """
   run_dir = pathlib.Path(args.save)
   if not args.resume:
-    config = _run_config(args)
-    config["model"] = model.config._asdict()
-    if _distributed.is_primary():  # with many processes, one writes the run's files
-      save_config(run_dir, config)
-      save_vocab(run_dir, vocab)
-    _distributed.barrier("train:run-folder")
-    log = MetricsLog(run_dir / METRICS_LOG) if _distributed.is_primary() else None
+    log = _start_run(args, model, vocab, run_dir)
     return Checkpoints(run_dir, keep=args.keep), log, state, new_loop_record(), None
   if load_vocab(run_dir) != vocab:
     raise ValueError(f"--resume: the corpus's vocabulary differs from the one saved in "
                      f"`{run_dir}`; the data changed.")
   checkpoints = Checkpoints(run_dir, keep=args.keep)
   try:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise ValueError(f"--resume: `{run_dir}` holds no checkpoint to resume from.")
-    state, loop = checkpoints.restore(state, step)
+    restored = checkpoints.restore_intact(state)
+    if restored is None and has_checkpoints(run_dir):
+      raise ValueError(f"--resume: `{run_dir}` holds no intact checkpoint (the damaged ones are "
+                       f"in `{run_dir / 'damaged'}`); remove that folder to start the run "
+                       "again from step 0.")
     best = None
-    best_step = checkpoints.best_step()
-    if best_step is not None and best_step != step and checkpoints.metric(best_step):
-      best_state, _ = checkpoints.restore(state, best_step)
-      best = (best_state.params, checkpoints.metric(best_step))
-    elif checkpoints.metric(step) is not None:
-      best = (state.params, checkpoints.metric(step))
+    if restored is not None:
+      step, state, loop = restored
+      best_step = checkpoints.best_step()
+      if best_step is not None and best_step != step and checkpoints.metric(best_step):
+        found = checkpoints.restore_intact(state, best=True)
+        best = (found[1].params, checkpoints.metric(found[0]))
+      elif checkpoints.metric(step) is not None:
+        best = (state.params, checkpoints.metric(step))
   except BaseException:
     checkpoints.close()
     raise
+  settings = {k: getattr(args, k) for k in RESUMABLE}
+  if restored is None:
+    echo(f"| resume | `{run_dir}` holds no checkpoint yet (the run stopped before its first): "
+         "starting it from step 0")
+    log = _start_run(args, model, vocab, run_dir)
+    if _distributed.is_primary():
+      record_resume(run_dir, 0, settings)
+    return checkpoints, log, state, new_loop_record(), None
   echo(f"| resume | step {step} from `{run_dir}`")
+  if _distributed.is_primary():
+    record_resume(run_dir, step, settings)
   log = MetricsLog(run_dir / METRICS_LOG, resume_step=step) if _distributed.is_primary() else None
   return checkpoints, log, state, loop, best
 
@@ -426,8 +513,11 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
   mesh = _distributed.mesh_from_flags(args.mesh, args.batch_size, args.coordinator,
                                       args.num_processes, args.process_id)
   if not args.resume and args.save and has_run(args.save):
-    raise ValueError(f"--save `{args.save}` already holds a run; pass --resume to continue it, "
-                     "or choose another folder (a checkpoint is never overwritten).")
+    if has_checkpoints(args.save):
+      raise ValueError(f"--save `{args.save}` already holds a run; pass --resume to continue "
+                       "it, or choose another folder (a checkpoint is never overwritten).")
+    echo(f"| note | `{args.save}` holds a run that stopped before its first checkpoint: "
+         "starting it again")
   _distributed.barrier("train:checked")  # every process has looked before one writes
   if args.proj is not None and args.cell != "lstm":
     raise ValueError(f"--proj needs --cell lstm; got --cell {args.cell}.")
@@ -511,8 +601,9 @@ def main(argv=None) -> int:
   training; 1 if training diverged or the system failed (a full disk); 130 if interrupted.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
   try:
+    recipe = _recipe_of(argv)
+    parser = build_parser(recipe)
     args = parser.parse_args(argv)
   except SystemExit as e:
     return int(e.code or 0)

@@ -5,7 +5,7 @@ import collections
 import dataclasses
 import os
 import pathlib
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -106,6 +106,20 @@ def read_corpus(path: str | os.PathLike, *, level: str = "word",
       lists the files found), a file is empty or not UTF-8, a single file is too short to split,
       or the training split has fewer than two distinct tokens besides `<eos>`.
   """
+  return read_corpus_named(path, level=level, train_split=train_split, valid_split=valid_split,
+                     test_split=test_split, fractions=fractions, max_size=max_size,
+                     min_count=min_count, spell=keyword_spelling)
+
+
+def keyword_spelling(split: str, value=None) -> str:
+  """How `read_corpus`'s messages write a split argument, as Python: `train_split='x'`."""
+  return f"`{split}_split`" if value is None else f"`{split}_split={str(value)!r}`"
+
+
+def read_corpus_named(path, *, level, train_split, valid_split, test_split, fractions, max_size,
+                min_count, spell: Callable[..., str]) -> Corpus:
+  """`read_corpus`, its messages writing the split arguments with `spell(split, value=None)`
+  (a command line names them by its flags)."""
   if level not in LEVELS:
     raise ValueError(f"`level` must be one of {LEVELS}; got {level!r}.")
   path = pathlib.Path(path)
@@ -117,18 +131,19 @@ def read_corpus(path: str | os.PathLike, *, level: str = "word",
     if explicit:
       raise ValueError(
           f"`{path}` is a single file, cut into splits by `fractions`; the split arguments "
-          f"({', '.join(f'{k}_split' for k in explicit)}) need a folder.")
+          f"({', '.join(spell(k) for k in explicit)}) need a folder.")
     return _read_single(path, level, fractions, max_size, min_count)
   if not path.is_dir():
     raise ValueError(f"corpus path `{path}` is neither a folder nor a file.")
   if explicit:
     if "train" not in explicit:
       raise ValueError(
-          "`train_split` is required when a split is named (the vocabulary is built from it); "
-          f"got only {', '.join(f'{k}_split' for k in explicit)}.")
-    files = {split: _resolve_split(path, split, name) for split, name in explicit.items()}
+          f"{spell('train')} is required when a split is named (the vocabulary is built from "
+          f"it); got only {', '.join(spell(k) for k in explicit)}.")
+    files = {split: _resolve_split(path, split, name, spell)
+             for split, name in explicit.items()}
   else:
-    files = _detect_layout(path)
+    files = _detect_layout(path, spell)
     if files is None:
       return _read_single(path / SINGLE_FILE, level, fractions, max_size, min_count)
   streams = _Tokenizer(level)
@@ -145,7 +160,7 @@ def _listing(folder: pathlib.Path) -> str:
   return ", ".join(names[:20]) + more
 
 
-def _detect_layout(folder: pathlib.Path) -> dict[str, pathlib.Path] | None:
+def _detect_layout(folder: pathlib.Path, spell) -> dict[str, pathlib.Path] | None:
   """Returns the split files of the folder's layout, or None for a lone `input.txt`."""
   present = [[(folder / name).is_file() for name in layout] for layout in LAYOUTS]
   for layout, found in zip(LAYOUTS, present):
@@ -157,20 +172,24 @@ def _detect_layout(folder: pathlib.Path) -> dict[str, pathlib.Path] | None:
   if partial:
     _, layout, found = max(partial, key=lambda p: p[0])
     missing = [name for name, ok in zip(layout, found) if not ok]
+    present = [name for name, ok in zip(layout, found) if ok]
+    example = [spell("train", present[0])]
+    if len(present) > 1:
+      example.append(spell("test", present[-1]))
     raise ValueError(
         f"corpus folder `{folder}` lacks the split file(s) {', '.join(missing)}; found: "
-        f"{_listing(folder)}. Name the splits to use, e.g. train_split=\"valid\", "
-        "test_split=\"test\".")
+        f"{_listing(folder)}. Name the splits to use, e.g. {' '.join(example)} (with no "
+        "validation split, the end of the training split is held out).")
   expected = "; ".join(" / ".join(layout) for layout in LAYOUTS)
   raise ValueError(
       f"corpus folder `{folder}` has no known layout (expected {expected}; or a lone "
       f"{SINGLE_FILE}); found: {_listing(folder)}.")
 
 
-def _resolve_split(folder: pathlib.Path, split: str, name: str) -> pathlib.Path:
+def _resolve_split(folder: pathlib.Path, split: str, name: str, spell) -> pathlib.Path:
   """Finds the file of an explicitly named split: a file name, or a split name."""
   if not isinstance(name, (str, os.PathLike)) or not str(name):
-    raise ValueError(f"`{split}_split` must be a file or split name; got {name!r}.")
+    raise ValueError(f"{spell(split)} must be a file or split name; got {name!r}.")
   candidate = folder / name
   if candidate.is_file():
     return candidate
@@ -180,7 +199,7 @@ def _resolve_split(folder: pathlib.Path, split: str, name: str) -> pathlib.Path:
       if (folder / layout[column]).is_file():
         return folder / layout[column]
   raise ValueError(
-      f"`{split}_split={name!r}`: no such split file in `{folder}`; found: {_listing(folder)}.")
+      f"{spell(split, name)}: no such split file in `{folder}`; found: {_listing(folder)}.")
 
 
 class _Tokenizer:

@@ -133,7 +133,9 @@ def fit(model: LanguageModel, opt: Optimizer, state: TrainState, train_data, val
   step = int(state.step)
   if step != loop["step"]:
     raise ValueError(f"the loop record is at step {loop['step']} but the state at {step}.")
-  best_params, best_valid = (None, None) if best is None else best
+  # The step donates the state's buffers: best parameters that share them (a resumed run whose
+  # latest checkpoint is its best) would be deleted by the first step.
+  best_params, best_valid = (None, None) if best is None else (_copy(best[0]), best[1])
   last_saved = checkpoints.latest_step() if checkpoints is not None else None
   start = time.perf_counter()
   wall0 = float(loop["wall_time"])
@@ -179,6 +181,7 @@ def fit(model: LanguageModel, opt: Optimizer, state: TrainState, train_data, val
       with bar.external_write_mode():
         plain_echo(line)
   pending, t_log, postfix = [], time.perf_counter(), {}
+  untimed = None  # how many leading steps of `pending` the rate leaves out
   try:
     while step < total:
       if step % per_epoch == 0:
@@ -187,29 +190,35 @@ def fit(model: LanguageModel, opt: Optimizer, state: TrainState, train_data, val
                                   jax.random.fold_in(step_key, step))
       step += 1
       pending.append(metrics)
+      if untimed is None:
+        # The first step of a loop compiles the step function (or finds it compiled): the rate
+        # is timed from its end, so that it measures training, never compilation.
+        jax.block_until_ready(metrics)
+        t_log, untimed = time.perf_counter(), len(pending)
       bar.update(1)
       if step % config.log_interval == 0 or step == total:
         fetched = jax.device_get(pending)
-        tokens = sum(int(m["tokens"]) for m in fetched)
+        tokens = sum(int(m["tokens"]) for m in fetched[untimed:])
         now = time.perf_counter()
-        rate = tokens / max(now - t_log, 1e-9)
+        rate = tokens / max(now - t_log, 1e-9) if tokens else None
         loss = float(np.mean([m["loss"] for m in fetched]))
         train_ppl = perplexity(float(np.mean([m["nll"] for m in fetched]))) \
             if "nll" in fetched[0] else None
         lr = learning_rate(state)
-        pending, t_log = [], now
+        pending, t_log, untimed = [], now, 0
         if log is not None:
           log.write(event="train", step=step, epoch=epoch_of(step), wall_time=wall(),
                     train_loss=loss, train_ppl=train_ppl, lr=lr, tokens_per_s=rate)
         postfix.clear()
         postfix.update({"ppl" if train_ppl else "loss": f"{train_ppl or loss:.2f}",
                         "valid": f"{last_valid:.2f}" if last_valid else "-", "lr": f"{lr:.2e}",
-                        "tok/s": f"{rate:,.0f}"})
+                        "tok/s": "-" if rate is None else f"{rate:,.0f}"})
         bar.set_postfix(postfix, refresh=False)
         if bar.disable and not quiet:
           what = f"ppl {train_ppl:8.2f}" if train_ppl else f"loss {loss:6.3f}"
+          speed = "        -" if rate is None else f"{rate:9,.0f}"
           echo(f"| epoch {epoch_of(step):6.2f} | step {step:6d}/{total} | lr {lr:.2e} | "
-               f"{rate:9,.0f} tok/s | {what}")
+               f"{speed} tok/s | {what}")
       epoch_end = step % per_epoch == 0
       if not (epoch_end or (config.eval_interval and step % config.eval_interval == 0)):
         continue

@@ -27,7 +27,9 @@ class MetricsLog:
   "valid" at each evaluation, "test" at the end), `step`, `epoch` (fractional: steps over
   windows per epoch), `wall_time` (seconds of training, summed over resumed runs),
   `train_loss`, `train_ppl` (None when the training loss is not an exact NLL), `valid_ppl`,
-  `test_ppl`, `lr` and `tokens_per_s`.
+  `test_ppl`, `lr` and `tokens_per_s` (training tokens per second of training steps since the
+  previous record; the first step of a run or of a resume, which compiles, is not timed, so a
+  record with that step alone has None).
   """
 
   def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):

@@ -26,6 +26,7 @@ SOFTMAXES = ("full", "hsm-balanced", "hsm-huffman", "class", "dsoftmax", "sample
              "adaptive", "selfnorm")
 SAMPLERS = ("uniform", "log_uniform", "unigram", "in_batch")
 GRADS = ("autodiff", "manual")
+INITS = ("default", "pytorch")
 # The output layers over `FullParams(w [V, H], b [V])`, whose table `w` can be the embedding.
 TIEABLE = ("full", "sampled", "nce", "ns", "selfnorm")
 # The sampling losses, whose gradient touches only some rows of the table.
@@ -55,6 +56,11 @@ class ModelConfig(NamedTuple):
     alpha: the self-normalization penalty's weight.
     div_value: the adaptive softmax's width divisor.
     grad: "autodiff" or "manual" (hand-derived BPTT, see `rnn.unroll`).
+    init: the initial parameters. "default": each cell's own (`rnn.lstm`'s forget-gate bias of
+      1) and each output layer's own (the full softmax's table `N(0, 1/H)`). "pytorch": those of
+      PyTorch's word_language_model: every tensor of the recurrent layers `U(-1/sqrt(H),
+      1/sqrt(H))` (`torch.nn.LSTM`'s own, no forget-gate bias), and an output table over
+      `FullParams` `U(-0.1, 0.1)` with zero biases. The embedding is `U(-0.1, 0.1)` in both.
   """
 
   vocab_size: int
@@ -74,6 +80,7 @@ class ModelConfig(NamedTuple):
   alpha: float = 0.1
   div_value: float = 4.0
   grad: str = "autodiff"
+  init: str = "default"
 
 
 class LMParams(NamedTuple):
@@ -287,7 +294,7 @@ def check_config(config: ModelConfig, counts) -> ModelConfig:
     _positive_int(getattr(config, name), name)
   for name, value, choices in (("cell", config.cell, CELLS), ("softmax", config.softmax, SOFTMAXES),
                                ("sampler", config.sampler, SAMPLERS),
-                               ("grad", config.grad, GRADS)):
+                               ("grad", config.grad, GRADS), ("init", config.init, INITS)):
     if value not in choices:
       raise ValueError(f"`{name}` must be one of {', '.join(choices)}; got {value!r}.")
   if not (isinstance(config.dropout, (int, float)) and 0.0 <= config.dropout < 1.0):
@@ -358,6 +365,14 @@ def _dropout(key, x, rate: float):
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
+def _uniform_like(key, tree, scale: float):
+  """`tree` with every array drawn anew from `U(-scale, scale)`, in its shape and dtype."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.uniform(k, x.shape, x.dtype, -scale, scale)
+                                      for k, x in zip(keys, leaves)])
+
+
 def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
                    layer=None) -> LanguageModel:
   """Makes a recurrent language model: embedding, `rnn.stack`, a `softmax_alts` output layer.
@@ -401,6 +416,12 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
   def init(key) -> LMParams:
     key_embedding, key_rnn, key_output = jax.random.split(key, 3)
     output = layer.init(key_output, hidden_size, vocab_size)
+    rnn_params = cell.init(key_rnn, emsize)
+    if config.init == "pytorch":
+      rnn_params = _uniform_like(key_rnn, rnn_params, 1.0 / math.sqrt(config.nhid))
+      if isinstance(output, softmax_alts.FullParams):
+        output = output._replace(w=_uniform_like(key_output, output.w, 0.1),
+                                 b=jnp.zeros_like(output.b))
     if config.softmax == "nce":
       # Start self-normalized, log Z = log sum_v exp(b_v) = 0 (Zoph et al. 2016).
       output = output._replace(b=jnp.full_like(output.b, -math.log(vocab_size)))
@@ -408,7 +429,7 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
     if not config.tied:
       # PyTorch's word_language_model: encoder weights uniform in [-0.1, 0.1].
       embedding = jax.random.uniform(key_embedding, (vocab_size, emsize), jnp.float32, -0.1, 0.1)
-    return LMParams(embedding=embedding, rnn=cell.init(key_rnn, emsize), output=output)
+    return LMParams(embedding=embedding, rnn=rnn_params, output=output)
 
   def initial_state(params: LMParams, batch_size: int):
     return cell.initial_state(params.rnn, (batch_size,))

@@ -71,20 +71,24 @@ def generate(args: argparse.Namespace) -> list[str]:
     raise ValueError(f"--checkpoint `{run_dir}` is not a run folder.")
   config = load_config(run_dir)
   vocab = load_vocab(run_dir)
+  if args.top_k is not None and args.top_k > len(vocab):
+    raise ValueError(f"--top-k {args.top_k} is larger than the run's vocabulary "
+                     f"({len(vocab)} tokens).")
   model = model_from_config(config, vocab)
   level = "char" if config.get("level") == "char" else "word"
   opt = optimizer(config["optimizer"], config["lr"], clip=config["clip"] or None,
                   sparse_output=not config["dense_output"])
   like = init_train_state(model, opt, train_keys(config["seed"])[0], config["batch_size"])
-  checkpoints = Checkpoints(run_dir)
+  checkpoints = Checkpoints(run_dir, read_only=True)
   try:
-    step = checkpoints.best_step() if args.step is None else args.step
-    if step is None:
-      raise ValueError(f"`{run_dir}` holds no checkpoint.")
-    if step not in checkpoints.steps():
-      raise ValueError(f"--step {step}: no such checkpoint in `{run_dir}` (steps: "
-                       f"{checkpoints.steps()}).")
-    state, _ = checkpoints.restore(like, step)
+    if args.step is None:
+      found = checkpoints.restore_intact(like, best=True)
+      if found is None:
+        what = "intact checkpoint" if checkpoints.damaged else "checkpoint yet"
+        raise ValueError(f"`{run_dir}` holds no {what}.")
+      state = found[1]
+    else:
+      state, _ = checkpoints.restore(like, args.step)
   finally:
     checkpoints.close()
   params = state.params

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -35,13 +36,18 @@ def _state(value, step):
   return _State(jnp.full((3, 2), value, jnp.float32), jnp.asarray(step, jnp.int32))
 
 
-def _final_state(run_dir, argv):
-  """Restores the latest checkpoint of a run into the structure of a fresh state."""
+def _like(argv):
+  """A fresh `TrainState` of the run a command line describes."""
   args = _cli.build_parser().parse_args(argv)
   corpus = _cli._load_corpus(args)
   model = _cli.model_from_config(vars(args), corpus.vocab)
   opt = train.optimizer(args.optimizer, args.lr, clip=args.clip or None, sparse_output=True)
-  like = train.init_train_state(model, opt, jax.random.key(0), args.batch_size)
+  return train.init_train_state(model, opt, jax.random.key(0), args.batch_size)
+
+
+def _final_state(run_dir, argv):
+  """Restores the latest checkpoint of a run into the structure of a fresh state."""
+  like = _like(argv)
   checkpoints = train.Checkpoints(run_dir)
   try:
     return checkpoints.restore(like)
@@ -57,6 +63,12 @@ def test_resume_is_bit_exact(tmp_path, capsys):
   assert _cli.main(RESUME + ["--max-steps", "60", "--save", str(split), "--resume"]) == 0
   out = capsys.readouterr().out
   assert "| resume | step 25" in out
+  # The config records the resume: it now holds the new --max-steps, and when it came.
+  assert json.loads((straight / "config.json").read_text())["resumes"] == []
+  saved = json.loads((split / "config.json").read_text())
+  assert saved["config"]["max_steps"] == 60
+  assert [(r["step"], r["max_steps"]) for r in saved["resumes"]] == [(25, 60)]
+  assert set(saved["resumes"][0]) == {"step"} | set(_cli.RESUMABLE)
   state_a, loop_a = _final_state(straight, RESUME)
   state_b, loop_b = _final_state(split, RESUME)
   assert int(state_a.step) == int(state_b.step) == 60
@@ -185,23 +197,163 @@ def test_resuming_with_another_config_exits_2_and_writes_nothing(tmp_path, capsy
   assert files_snapshot(run) == before
 
 
-# A failed read leaves a callback of orbax's I/O thread to run after its event loop closed.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_corrupt_checkpoint_exits_2_and_is_left_as_it_is(tmp_path, capsys):
+def _checkpoint_steps(run):
+  return sorted(int(p.name) for p in (run / "checkpoints").iterdir())
+
+
+def _resume(run, capsys, *extra):
+  code = _cli.main(TINY + ["--save", str(run), "--resume"] + list(extra))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_relative_run_folders_save_restore_and_read(tmp_path, monkeypatch):
+  # orbax wants absolute paths; a run folder given relative to the working directory works.
+  monkeypatch.chdir(tmp_path)
+  checkpoints = train.Checkpoints("runs/a", keep=2)
+  checkpoints.save(_state(1.0, 1), {"step": 1}, valid_ppl=9.0)
+  checkpoints.save(_state(2.0, 2), {"step": 2}, valid_ppl=8.0)
+  checkpoints.close()
+  reader = train.Checkpoints("runs/a", read_only=True)
+  assert reader.steps() == [1, 2] and reader.best_step() == 2
+  state, loop = reader.restore(_state(0.0, 0), 1)
+  np.testing.assert_array_equal(state.w, np.full((3, 2), 1.0))
+  assert loop == {"step": 1}
+  assert reader.restore_intact(_state(0.0, 0))[0] == 2
+  reader.close()
+
+
+def test_a_resumed_run_whose_best_is_its_latest_checkpoint_ends_cleanly(tmp_path, capsys):
+  # The latest checkpoint is the best, and no later evaluation beats it: the best parameters
+  # must survive the steps, which donate the state's buffers.
   run = _trained_run(tmp_path)
-  latest = max(int(p.name) for p in (run / "checkpoints").iterdir())
-  data_files = [p for p in (run / "checkpoints" / str(latest) / "state").rglob("*")
-                if p.is_file() and "/d/" in str(p)]
+  metrics = run / "checkpoints" / "6" / "metrics" / "metrics"
+  assert json.loads(metrics.read_text())["valid_ppl"] > 1
+  metrics.write_text(json.dumps({"valid_ppl": 1.0}))
+  code, out, err = _resume(run, capsys, "--max-steps", "9", "--eval-interval", "3")
+  assert code == 0, err
+  assert "| resume | step 6" in out
+  end = out.strip().splitlines()[-1]
+  assert end.startswith("| end of training | step 9 | test ppl ") and "valid ppl 1.000" in end
+
+
+def test_a_damaged_checkpoint_is_skipped_with_a_warning_and_never_lost(tmp_path, capsys):
+  from train import generate
+  run = _trained_run(tmp_path)  # checkpoints of steps 3 and 6
+  assert _checkpoint_steps(run) == [3, 6]
+  # The metrics of the oldest emptied: the latest is used; the damaged one is set aside.
+  oldest = run / "checkpoints" / "3"
+  (oldest / "metrics" / "metrics").write_text("")
+  oldest_files = files_snapshot(oldest)
+  capsys.readouterr()
+  assert generate.main(["--checkpoint", str(run), "--step", "6", "--words", "3"]) == 0
+  out, err = capsys.readouterr()
+  assert len(out.split()) == 3
+  assert f"`{oldest}/metrics/metrics` cannot be read" in err and "Skipped." in err
+  assert files_snapshot(run / "checkpoints" / "3") == oldest_files  # generate only reads
+  code, out, err = _resume(run, capsys, "--max-steps", "9", "--eval-interval", "3")
+  assert code == 0, err
+  assert "| resume | step 6" in out and "| end of training | step 9 | test ppl" in out
+  assert err.startswith("warning: ") and err.count("\n") == 1
+  assert f"`{oldest}/metrics/metrics` cannot be read" in err
+  assert f"set aside in `{run}/damaged/3`" in err
+  assert files_snapshot(run / "damaged" / "3") == oldest_files
+  assert _checkpoint_steps(run) == [6, 9]
+  # Every file of the latest emptied: the one before it is used, and training goes on past it.
+  latest = run / "checkpoints" / "9"
+  for path in latest.rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"")
+  code, out, err = _resume(run, capsys, "--max-steps", "12", "--eval-interval", "3")
+  assert code == 0, err
+  assert "| resume | step 6" in out and "| end of training | step 12 | test ppl" in out
+  assert f"the checkpoint `{latest}` is damaged" in err and f"`{run}/damaged/9`" in err
+  assert _checkpoint_steps(run) == [6, 9, 12]
+  assert sorted(p.name for p in (run / "damaged").iterdir()) == ["3", "9"]
+
+
+def _garble_arrays(step_dir):
+  data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
   assert data_files
   for path in data_files:
     path.write_bytes(b"\x00garbage" * 3)
+
+
+def test_a_checkpoint_with_garbled_arrays_is_skipped(tmp_path, capsys):
+  run = _trained_run(tmp_path)
+  _garble_arrays(run / "checkpoints" / "6")
+  garbled = files_snapshot(run / "checkpoints" / "6")
+  warnings = []
+  reader = train.Checkpoints(run, read_only=True, warn=warnings.append)
+  assert reader.steps() == [3] and list(reader.damaged) == [6] and len(warnings) == 1
+  with pytest.raises(train.CorruptCheckpoint, match="checkpoints/6` is damaged") as caught:
+    reader.restore(_like(TINY), 6)
+  assert caught.value.step == 6 and str(caught.value) in warnings[0]
+  reader.close()
+  code, out, err = _resume(run, capsys, "--max-steps", "6")
+  assert code == 0, err
+  assert "| resume | step 3" in out
+  assert f"the checkpoint `{run}/checkpoints/6` is damaged" in err and "tensorstore_spec" not in err
+  assert files_snapshot(run / "damaged" / "6") == garbled
+  # With no intact checkpoint left, the resume ends with one error line; nothing is lost.
+  _garble_arrays(run / "checkpoints" / "3")
+  _garble_arrays(run / "checkpoints" / "6")
   before = files_snapshot(run)
-  capsys.readouterr()
-  code = _cli.main(TINY + ["--max-steps", "12", "--save", str(run), "--resume"])
-  err = capsys.readouterr().err
+  code, out, err = _resume(run, capsys, "--max-steps", "9")
   assert code == 2
-  assert err.startswith("error: ") and "corrupt" in err and err.count("\n") == 1
-  assert files_snapshot(run) == before
+  lines = err.strip().splitlines()
+  assert [line.split(":")[0] for line in lines] == ["warning", "warning", "error"]
+  assert "holds no intact checkpoint" in lines[-1] and "| data |" not in out
+  after = files_snapshot(run)
+  assert sorted(before.values()) == sorted(after.values())  # moved aside, never deleted
+
+
+def test_no_traceback_after_a_damaged_checkpoint_from_the_shell(tmp_path):
+  # A failed read leaves orbax's I/O callbacks to run after its event loop closed; they must not
+  # print tracebacks (at any time, at exit included).
+  run = _trained_run(tmp_path)
+  _garble_arrays(run / "checkpoints" / "6")
+  (run / "checkpoints" / "3" / "state" / "manifest.ocdbt").unlink()
+  done = subprocess.run([sys.executable, "-m", "train.generate", "--checkpoint", str(run)],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2 and done.stdout == ""
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 3, done.stderr
+  assert lines[0].startswith("warning: the checkpoint") and lines[1].startswith("warning: ")
+  assert lines[2] == f"error: `{run}` holds no intact checkpoint."
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_restarted(
+    tmp_path, capsys, monkeypatch):
+  run = tmp_path / "run"
+  with monkeypatch.context() as patch:
+    def interrupted(*args, **kwargs):
+      raise KeyboardInterrupt
+    patch.setattr(train.Checkpoints, "save", interrupted)
+    assert _cli.main(TINY + ["--max-steps", "4", "--eval-interval", "2", "--save",
+                             str(run)]) == 130
+  capsys.readouterr()
+  assert (run / "config.json").is_file() and not any((run / "checkpoints").iterdir())
+  from train import generate
+  assert generate.main(["--checkpoint", str(run)]) == 2
+  assert capsys.readouterr().err == f"error: `{run}` holds no checkpoint yet.\n"
+  code, out, err = _resume(run, capsys, "--max-steps", "4")
+  assert code == 0, err
+  assert "holds no checkpoint yet" in out and "starting it from step 0" in out
+  assert "| end of training | step 4 |" in out
+  assert [r["step"] for r in records(run, "valid")] == [0, 2, 4]
+  # Without --resume: started again, with a note.
+  shutil.rmtree(run / "checkpoints")
+  code, out, err = _main_out(TINY + ["--max-steps", "2", "--save", str(run)], capsys)
+  assert code == 0, err
+  assert "stopped before its first checkpoint: starting it again" in out
+  assert _checkpoint_steps(run) == [2]
+
+
+def _main_out(argv, capsys):
+  code = _cli.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
 
 
 def test_a_corrupt_config_or_an_existing_run_exits_2(tmp_path, capsys):
@@ -232,6 +384,14 @@ def test_run_folder_holds_config_vocab_log_and_plot(tmp_path):
   assert [r["step"] for r in train_records] == [5, 6]
   assert all(r["train_ppl"] > 1 and r["tokens_per_s"] > 0 and r["lr"] > 0
              for r in train_records)
+
+
+def test_the_logged_speed_leaves_out_the_compiling_first_step(tmp_path):
+  run = tmp_path / "run"
+  assert _cli.main(TINY + ["--max-steps", "3", "--log-interval", "1", "--save", str(run)]) == 0
+  # The first step compiles: it is not timed, so its record has no rate; the others have one.
+  rates = [r["tokens_per_s"] for r in records(run, "train")]
+  assert rates[0] is None and len(rates) == 3 and all(r > 0 for r in rates[1:])
   assert (run / "metrics.png").stat().st_size > 1000
 
 

@@ -1,5 +1,6 @@
 """Tests of `python -m train`: every output layer trains, bad input exits 2, the final report."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import train
-from tests.train._tiny import TINY, valid_lines
+from tests.train._tiny import TINY, records, valid_lines
 from train import _cli
 from train._model import SOFTMAXES
 
@@ -95,8 +96,13 @@ def _bad_inputs(tmp_path, corpus_dir):
   return [
       (["--data", str(tmp_path / "absent")], "does not exist"),
       (["--data", str(lacking)], "lacks the split file(s) valid.txt"),
+      # Messages name the flags, not read_corpus's arguments.
+      (["--data", str(lacking)], "e.g. --train-split train.txt --eval-split test.txt"),
       (["--data", str(corpus_dir), "--eval-split", "nope.txt", "--train-split", "train.txt"],
-       "nope.txt"),
+       "--eval-split nope.txt: no such split file"),
+      (["--data", str(corpus_dir), "--eval-split", "test.txt"],
+       "--train-split is required when a split is named"),
+      (["--max-vocab", "1"], "--max-vocab: must be at least 2 (<unk> and <eos> are always kept)"),
       (["--data", str(empty)], "is empty"),
       (["--data", str(one_type)], "at least two"),
       (["--softmax", "bogus"], "invalid choice: 'bogus'"),
@@ -129,6 +135,7 @@ def test_bad_input_exits_2_with_one_error_line_before_training(tmp_path, corpus_
     assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
     assert message in err, (argv, err)
     assert "| data |" not in out and "| eval |" not in out, argv
+    assert "_split" not in err and "max_size" not in err, (argv, err)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -187,6 +194,65 @@ def test_the_synthetic_run_reports_test_best_ratio_and_unigram(capsys):
   assert best < test_ppl
 
 
+def test_quiet_does_what_its_help_says(capsys):
+  # Not a TTY: without --quiet a line every --log-interval steps, with it none; the help says so.
+  _, help_text, _ = _main(["--help"], capsys)
+  help_text = " ".join(help_text.split())
+  assert ("--quiet no progress bar and no periodic lines (without it: a progress bar when stderr "
+          "is a terminal, else a line on stdout every --log-interval steps)") in help_text
+  for quiet, lines in ((True, 0), (False, 2)):
+    argv = [a for a in TINY if a != "--quiet"] + ["--max-steps", "10"] + (["--quiet"] * quiet)
+    code, out, err = _main(argv, capsys)
+    assert code == 0, err
+    progress = [line for line in out.splitlines() if line.startswith("| epoch")]
+    assert len(progress) == lines, out
+    assert "| end of training | step 10 |" in out and err == ""
+
+
+def _lr_at_evaluations(run):
+  """`(valid ppl, lr in force when it was measured)` of every evaluation after step 0."""
+  return [(r["valid_ppl"], r["lr"]) for r in records(run, "valid") if r["step"] > 0]
+
+
+def test_the_pytorch_recipe_anneals_on_a_plateau_only_and_never_stops_early(tmp_path, capsys):
+  # PyTorch's word_language_model main.py: lr 20, then `lr /= 4` after every evaluation whose
+  # validation loss is not below the best so far; no early stop. Tiny sizes, evaluations every
+  # 20 steps besides the epoch ends (94 windows each), so that both cases occur.
+  run = tmp_path / "run"
+  tiny = ["--synthetic-tokens", "3000", "--synthetic-vocab", "30", "--emsize", "16", "--nhid",
+          "16", "--batch-size", "4", "--bptt", "8", "--eval-batch-size", "4", "--quiet"]
+  code, out, err = _main(["--recipe", "pytorch", "--epochs", "2", "--eval-interval", "20",
+                          "--save", str(run)] + tiny, capsys)
+  assert code == 0, err
+  assert "| model | lstm 2x16, emsize 16, dropout 0.2, softmax full" in out
+  assert "sgd lr 20, clip 0.25" in out and "| end of training | step 188 |" in out
+  config = json.loads((run / "config.json").read_text())["config"]
+  assert {k: config[k] for k in ("decay", "lr_decay", "patience", "init")} == {
+      "decay": "plateau", "lr_decay": 4.0, "patience": 0, "init": "pytorch"}
+  seen = _lr_at_evaluations(run)
+  lr, best, expected, decays = 20.0, None, [], 0
+  for ppl, _ in seen:  # main.py's rule, written out
+    expected.append(lr)
+    if best is None or ppl < best:
+      best = ppl
+    else:
+      lr, decays = lr / 4.0, decays + 1
+  assert [lr for _, lr in seen] == pytest.approx(expected, rel=1e-6)
+  assert 0 < decays < len(seen) - 1, seen  # both branches of the rule were taken
+
+  # Ours, --decay epoch: divided by --lr-decay at each epoch end from --decay-after on, whatever
+  # the validation perplexity does.
+  run = tmp_path / "epoch"
+  code, out, err = _main(TINY + ["--decay", "epoch", "--decay-after", "1", "--lr-decay", "2",
+                                 "--epochs", "3", "--eval-interval", "40", "--patience", "0",
+                                 "--save", str(run)], capsys)
+  assert code == 0, err
+  steps = [r["step"] for r in records(run, "valid") if r["step"] > 0]
+  assert steps == [40, 80, 94, 120, 160, 188, 200, 240, 280, 282]
+  want = [5e-3 / 2 ** ((s - 1) // 94) for s in steps]  # the epoch ends before the step
+  assert [lr for _, lr in _lr_at_evaluations(run)] == pytest.approx(want, rel=1e-6)
+
+
 def test_generate_samples_and_beam_searches_from_a_run(tmp_path, capsys):
   from train import generate
   run = tmp_path / "run"
@@ -205,3 +271,6 @@ def test_generate_samples_and_beam_searches_from_a_run(tmp_path, capsys):
   assert all(len(line.split()) == 6 for line in lines)  # the score, then 5 words
   assert generate.main(["--checkpoint", str(tmp_path / "absent")]) == 2
   assert "not a run folder" in capsys.readouterr().err
+  assert generate.main(["--checkpoint", str(run), "--top-k", "40"]) == 2
+  assert capsys.readouterr().err == ("error: --top-k 40 is larger than the run's vocabulary "
+                                     "(31 tokens).\n")

@@ -198,3 +198,32 @@ def test_counts_must_match_the_vocabulary():
 def test_model_is_exported():
   assert train.language_model is language_model
   assert train.ModelConfig is ModelConfig
+
+
+def test_pytorch_init_is_word_language_models(key):
+  # word_language_model: every nn.LSTM tensor U(-1/sqrt(H), 1/sqrt(H)) (no forget-gate bias),
+  # decoder U(-0.1, 0.1) with zero bias, encoder U(-0.1, 0.1). Ours by default: the forget-gate
+  # bias 1 and the table N(0, 1/H).
+  nhid = 64
+  ours = _model(nlayers=2, nhid=nhid, emsize=32).init(key)
+  torch_like = _model(nlayers=2, nhid=nhid, emsize=32, init="pytorch").init(key)
+  bound = 1 / math.sqrt(nhid)
+  for layer in torch_like.rnn:
+    for leaf in jax.tree.leaves(layer):
+      leaf = np.asarray(leaf)
+      assert np.abs(leaf).max() <= bound and leaf.std() == pytest.approx(bound / math.sqrt(3),
+                                                                          rel=0.2)
+  for layer in ours.rnn:
+    np.testing.assert_array_equal(layer.b_ih[nhid:2 * nhid], 1.0)
+    np.testing.assert_array_equal(layer.b_hh[nhid:2 * nhid], 0.0)
+  w = np.asarray(torch_like.output.w)
+  assert np.abs(w).max() <= 0.1 and w.std() == pytest.approx(0.1 / math.sqrt(3), rel=0.1)
+  np.testing.assert_array_equal(torch_like.output.b, 0.0)
+  assert np.asarray(ours.output.w).std() == pytest.approx(1 / math.sqrt(nhid), rel=0.1)
+  np.testing.assert_array_equal(torch_like.embedding, ours.embedding)
+  # Only the full-table layers have word_language_model's decoder; the others keep their own.
+  tree = _model(softmax="hsm-huffman", init="pytorch").init(key)
+  np.testing.assert_array_equal(tree.output.nodes,
+                                _model(softmax="hsm-huffman").init(key).output.nodes)
+  with pytest.raises(ValueError, match="`init` must be one of default, pytorch; got 'torch'"):
+    _model(init="torch")
