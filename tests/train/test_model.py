@@ -88,8 +88,9 @@ def test_dropout_is_on_with_a_key_and_off_without(key):
   assert 0.3 < zero_fraction < 0.7
   no_rate = _model(dropout=0.0)
   p0 = no_rate.init(key)
-  a, _ = no_rate.apply(p0, inputs, carry)
-  b, _ = no_rate.apply(p0, inputs, carry, key=jax.random.key(1))
+  carry0 = no_rate.initial_state(p0, 2)
+  a, _ = no_rate.apply(p0, inputs, carry0)
+  b, _ = no_rate.apply(p0, inputs, carry0, key=jax.random.key(1))
   np.testing.assert_array_equal(a, b)
 
 
