@@ -30,7 +30,8 @@ from train._checkpoint import (Checkpoints, config_differences, has_checkpoints,
 from train._corpus import DEFAULT_FRACTIONS, read_corpus_named
 from train._loop import DECAYS, LoopConfig, fit, new_loop_record, train_keys
 from train._metrics import MetricsLog, plot_metrics, read_metrics
-from train._model import CELLS, GRADS, INITS, SAMPLERS, SOFTMAXES, ModelConfig, language_model
+from train._model import (CELLS, GRADS, INITS, PRECISIONS, SAMPLERS, SOFTMAXES, ModelConfig,
+                          language_model)
 from train._step import (OPTIMIZERS, init_train_state, make_evaluator, make_train_step,
                          optimizer)
 from train._synthetic import SyntheticCorpus, synthetic_corpus
@@ -39,7 +40,7 @@ SYNTHETIC = "synthetic"
 SPLIT_FLAGS = {"train": "--train-split", "valid": "--valid-split", "test": "--eval-split"}
 # Flags that may take a new value when a run is resumed; every other flag must match the run's.
 RESUMABLE = ("epochs", "max_steps", "patience", "log_interval", "keep",
-             "eval_batch_size")
+             "eval_batch_size", "precision")
 # Flags that describe this invocation, not the run: never saved.
 TRANSIENT = ("save", "resume", "quiet", "mesh", "coordinator", "num_processes", "process_id")
 # Presets of flag defaults (flags given explicitly still win). "pytorch": PyTorch's
@@ -209,6 +210,14 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
                           "softmax table N(0, 1/H)) or pytorch (word_language_model's: every "
                           "recurrent tensor U(-1/sqrt(H), 1/sqrt(H)), the table U(-0.1, 0.1), "
                           "zero output biases)")
+  model.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
+                     help="compute dtype: bfloat16 runs the embedding, the recurrent GEMMs "
+                          "(float32 accumulation) and the output layer's input in bfloat16, "
+                          "with float32 parameters, optimizer state, losses and metrics")
+  model.add_argument("--reset-at-eos", action="store_true",
+                     help="word level: return the recurrent state to its initial value after "
+                          "every <eos>, so each line (document) starts afresh, in training and "
+                          "evaluation")
 
   out = p.add_argument_group("output layer")
   out.add_argument("--softmax", choices=SOFTMAXES, default="full",
@@ -377,20 +386,27 @@ def _splits(corpus, echo):
   return train_ids, valid_ids, corpus.test
 
 
-def _model_config(args, vocab_size: int) -> ModelConfig:
+def _model_config(args, vocab) -> ModelConfig:
+  reset_id = None
+  if getattr(args, "reset_at_eos", False):  # absent from a run saved before the flag existed
+    if vocab.eos_id is None:
+      raise ValueError("--reset-at-eos needs a word-level corpus, whose vocabulary has <eos>; "
+                       "this one has none (--level char or --data synthetic).")
+    reset_id = vocab.eos_id
   return ModelConfig(
-      vocab_size=vocab_size, cell=args.cell, emsize=args.emsize, nhid=args.nhid,
+      vocab_size=len(vocab), cell=args.cell, emsize=args.emsize, nhid=args.nhid,
       nlayers=args.nlayers, proj=args.proj, dropout=args.dropout, tied=args.tied,
       softmax=args.softmax, num_samples=args.num_samples, sampler=args.sampler,
       cutoffs=None if args.cutoffs is None else tuple(args.cutoffs),
       bands=None if args.bands is None else tuple(tuple(b) for b in args.bands),
       classes=args.classes, alpha=args.alpha, div_value=args.div_value, grad=args.grad,
-      init=getattr(args, "init", "default"))  # a run saved before --init existed
+      init=getattr(args, "init", "default"),  # a run saved before --init existed
+      precision=getattr(args, "precision", "float32"), reset_id=reset_id)
 
 
 def model_from_config(config: dict, vocab):
   """The `LanguageModel` of a saved run config (`config.json`'s "config") and its vocabulary."""
-  return language_model(_model_config(argparse.Namespace(**config), len(vocab)), vocab.counts)
+  return language_model(_model_config(argparse.Namespace(**config), vocab), vocab.counts)
 
 
 _COMPILED = collections.OrderedDict()
@@ -435,8 +451,9 @@ def _describe(model) -> str:
   if c.softmax in ("sampled", "nce", "ns"):
     extra = f" k={c.num_samples} {c.sampler}"
   tied = ", tied" if c.tied else ""
+  resets = ", reset at <eos>" if c.reset_id is not None else ""
   return (f"{c.cell} {layers}, emsize {c.emsize}, dropout {c.dropout:g}{tied}, softmax "
-          f"{c.softmax}{extra}")
+          f"{c.softmax}{extra}, {c.precision}{resets}")
 
 
 def _start_run(args, model, vocab, run_dir):
@@ -528,10 +545,10 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
   opt = optimizer(args.optimizer, args.lr, clip=args.clip or None,
                   sparse_output=not args.dense_output)
   if mesh is None:
-    model, train_step, evaluate = _compiled(_model_config(args, len(vocab)), vocab.counts, opt,
+    model, train_step, evaluate = _compiled(_model_config(args, vocab), vocab.counts, opt,
                                             args.bptt)
   else:
-    model = _distributed.sharded_language_model(_model_config(args, len(vocab)), vocab.counts,
+    model = _distributed.sharded_language_model(_model_config(args, vocab), vocab.counts,
                                                 mesh)
     evaluate = make_evaluator(model, bptt=args.bptt)
   train_data = _batches(train_ids, args.batch_size, "training", "--batch-size")

@@ -27,6 +27,8 @@ SOFTMAXES = ("full", "hsm-balanced", "hsm-huffman", "class", "dsoftmax", "sample
 SAMPLERS = ("uniform", "log_uniform", "unigram", "in_batch")
 GRADS = ("autodiff", "manual")
 INITS = ("default", "pytorch")
+# The compute dtypes of `ModelConfig.precision` (the parameters are float32 in both).
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The output layers over `FullParams(w [V, H], b [V])`, whose table `w` can be the embedding.
 TIEABLE = ("full", "sampled", "nce", "ns", "selfnorm")
 # The sampling losses, whose gradient touches only some rows of the table.
@@ -61,6 +63,14 @@ class ModelConfig(NamedTuple):
       PyTorch's word_language_model: every tensor of the recurrent layers `U(-1/sqrt(H),
       1/sqrt(H))` (`torch.nn.LSTM`'s own, no forget-gate bias), and an output table over
       `FullParams` `U(-0.1, 0.1)` with zero biases. The embedding is `U(-0.1, 0.1)` in both.
+    precision: the compute dtype, "float32" or "bfloat16". The parameters (and so the gradients
+      and the optimizer state) are float32 in both; with "bfloat16" the embedding is looked up
+      and cast, the recurrent GEMMs run in bfloat16 with float32 accumulation (the cells'
+      `dtype`), the carried state is float32, and the output layer reads bfloat16 features
+      while computing its log-sum-exp and losses in float32.
+    reset_id: a token id (the vocabulary's `<eos>`, `Vocab.eos_id`) after whose every input the
+      recurrent state returns to its initial value, so that each document (line) of a stream
+      starts afresh, across windows too; None carries the state across documents.
   """
 
   vocab_size: int
@@ -81,6 +91,8 @@ class ModelConfig(NamedTuple):
   div_value: float = 4.0
   grad: str = "autodiff"
   init: str = "default"
+  precision: str = "float32"
+  reset_id: int | None = None
 
 
 class LMParams(NamedTuple):
@@ -104,8 +116,9 @@ class LanguageModel(NamedTuple):
     init: `init(key) -> LMParams`.
     initial_state: `initial_state(params, batch_size) -> carry`, zeros.
     embed: `embed(params, inputs [B, T]) -> [B, T, E]`, the input word vectors.
-    features: `features(rnn_params, x [B, T, E], carry, *, key=None, lengths=None) ->
-      (hidden [B, T, H], carry)`: dropout, the stack, dropout (no dropout when `key` is None).
+    features: `features(rnn_params, x [B, T, E], carry, *, key=None, lengths=None,
+      inputs=None) -> (hidden [B, T, H], carry)`: dropout, the stack, dropout (no dropout when
+      `key` is None); `inputs [B, T]` (the token ids of `x`) are needed with `reset_id`.
     apply: `apply(params, inputs [B, T], carry, *, key=None, lengths=None) -> (hidden, carry)`.
     loss: `loss(params, inputs [B, T], targets [B, T], mask [B, T], carry, *, key) ->
       (objective, LossAux(carry, losses [B, T], hidden [B * T, H]))`: the training objective
@@ -222,15 +235,16 @@ def default_bands(counts, hidden_size: int) -> tuple[tuple[int, int], ...]:
 
 def _make_cell(config: ModelConfig) -> rnn.Stack:
   layers = []
+  dtype = PRECISIONS[config.precision]
   for _ in range(config.nlayers):
     if config.cell == "lstm":
-      layers.append(rnn.lstm(config.nhid, proj_size=config.proj))
+      layers.append(rnn.lstm(config.nhid, proj_size=config.proj, dtype=dtype))
     elif config.cell == "gru":
-      layers.append(rnn.gru(config.nhid))
+      layers.append(rnn.gru(config.nhid, dtype=dtype))
     elif config.cell == "rnn_tanh":
-      layers.append(rnn.simple(config.nhid, activation=jnp.tanh))
+      layers.append(rnn.simple(config.nhid, activation=jnp.tanh, dtype=dtype))
     else:
-      layers.append(rnn.simple(config.nhid, activation=jax.nn.relu))
+      layers.append(rnn.simple(config.nhid, activation=jax.nn.relu, dtype=dtype))
   return rnn.stack(layers, dropout=config.dropout)
 
 
@@ -294,7 +308,8 @@ def check_config(config: ModelConfig, counts) -> ModelConfig:
     _positive_int(getattr(config, name), name)
   for name, value, choices in (("cell", config.cell, CELLS), ("softmax", config.softmax, SOFTMAXES),
                                ("sampler", config.sampler, SAMPLERS),
-                               ("grad", config.grad, GRADS), ("init", config.init, INITS)):
+                               ("grad", config.grad, GRADS), ("init", config.init, INITS),
+                               ("precision", config.precision, tuple(PRECISIONS))):
     if value not in choices:
       raise ValueError(f"`{name}` must be one of {', '.join(choices)}; got {value!r}.")
   if not (isinstance(config.dropout, (int, float)) and 0.0 <= config.dropout < 1.0):
@@ -305,6 +320,11 @@ def check_config(config: ModelConfig, counts) -> ModelConfig:
       raise ValueError(f"`proj` (LSTMP) needs cell=lstm; got cell={config.cell}.")
     if config.proj >= config.nhid:
       raise ValueError(f"`proj` must be smaller than nhid = {config.nhid}; got {config.proj}.")
+  if config.reset_id is not None and (
+      isinstance(config.reset_id, bool) or not isinstance(config.reset_id, (int, np.integer))
+      or not 0 <= config.reset_id < vocab_size):
+    raise ValueError(f"`reset_id` must be a token id in [0, V = {vocab_size}) (the vocabulary's "
+                     f"<eos>) or None; got {config.reset_id!r}.")
   if not (isinstance(config.alpha, (int, float)) and config.alpha >= 0):
     raise ValueError(f"`alpha` must be a non-negative number; got {config.alpha!r}.")
   if not (isinstance(config.div_value, (int, float)) and config.div_value > 0):
@@ -355,14 +375,39 @@ def check_config(config: ModelConfig, counts) -> ModelConfig:
       what = "proj" if config.proj else "nhid"
       raise ValueError(f"`tied` needs emsize equal to the last layer's output size ({what} = "
                        f"{hidden_size}); got emsize={config.emsize}.")
+  reset_id = None if config.reset_id is None else int(config.reset_id)
   return config._replace(vocab_size=vocab_size, cutoffs=cutoffs, bands=bands, classes=classes,
-                         dropout=float(config.dropout), tied=bool(config.tied))
+                         dropout=float(config.dropout), tied=bool(config.tied),
+                         reset_id=reset_id)
 
 
 def _dropout(key, x, rate: float):
   """Inverted dropout: keep with probability `1 - rate`, scale the kept units by `1/(1-rate)`."""
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def _float32(tree):
+  """Every floating leaf of `tree` as float32."""
+  return jax.tree.map(lambda x: x.astype(jnp.float32)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _boundaries(inputs, lengths, reset_id: int):
+  """`(resets [B, T], ended [B])` of the document boundaries in a window of `inputs [B, T]`.
+
+  The state returns to its initial value after every input `reset_id`: before step t when the
+  input of step t - 1 is one (`resets`), and after the window when its last valid input is one
+  (`ended`, so that the next window starts afresh).
+  """
+  after = inputs == reset_id
+  resets = jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
+  if lengths is None:
+    ended = after[:, -1]
+  else:
+    last = jnp.clip(lengths - 1, 0, inputs.shape[1] - 1)
+    ended = jnp.take_along_axis(after, last[:, None], axis=1)[:, 0] & (lengths > 0)
+  return resets, ended
 
 
 def _uniform_like(key, tree, scale: float):
@@ -412,6 +457,7 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
   layer = _make_layer(config, counts) if layer is None else layer
   vocab_size, emsize, rate = config.vocab_size, config.emsize, config.dropout
   hidden_size = cell.output_size
+  dtype = PRECISIONS[config.precision]
 
   def init(key) -> LMParams:
     key_embedding, key_rnn, key_output = jax.random.split(key, 3)
@@ -432,24 +478,40 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
     return LMParams(embedding=embedding, rnn=rnn_params, output=output)
 
   def initial_state(params: LMParams, batch_size: int):
-    return cell.initial_state(params.rnn, (batch_size,))
+    # Float32 whatever the precision: the carry (and a checkpoint of it) is the same in both.
+    return _float32(cell.initial_state(params.rnn, (batch_size,)))
 
   def embed(params: LMParams, inputs: jax.Array) -> jax.Array:
     table = params.output.w if config.tied else params.embedding
-    return jnp.take(table, inputs, axis=0)
+    return jnp.take(table, inputs, axis=0).astype(dtype)
 
-  def features(rnn_params, x, carry, *, key=None, lengths=None):
+  def reset_after(params_rnn, carry, ended):
+    """`carry` with the rows where `ended [B]` back at the initial state."""
+    initial = initial_state(LMParams(None, params_rnn, None), ended.shape[0])
+    return jax.tree.map(lambda i, c: jnp.where(ended.reshape(ended.shape + (1,) * (c.ndim - 1)),
+                                               i.astype(c.dtype), c), initial, carry)
+
+  def features(rnn_params, x, carry, *, key=None, lengths=None, inputs=None):
+    resets = None
+    if config.reset_id is not None:
+      if inputs is None:
+        raise ValueError("`inputs` (the token ids of `x`) are needed by a model with `reset_id`.")
+      resets, ended = _boundaries(inputs, lengths, config.reset_id)
     keys = jax.random.split(key, 3) if key is not None and rate > 0 else None
     if keys is not None:
       x = _dropout(keys[0], x, rate)
-    ys, carry = rnn.unroll(cell, rnn_params, x, carry, lengths=lengths, grad=config.grad,
-                           key=None if keys is None else keys[1])
+    ys, final = rnn.unroll(cell, rnn_params, x, carry, lengths=lengths, resets=resets,
+                           grad=config.grad, key=None if keys is None else keys[1])
+    final = jax.tree.map(lambda f, c: f.astype(c.dtype), final, carry)
+    if resets is not None:  # a window that ends with <eos> hands the next one a fresh state
+      final = reset_after(rnn_params, final, ended)
     if keys is not None:
       ys = _dropout(keys[2], ys, rate)
-    return ys, carry
+    return ys, final
 
   def apply(params: LMParams, inputs, carry, *, key=None, lengths=None):
-    return features(params.rnn, embed(params, inputs), carry, key=key, lengths=lengths)
+    return features(params.rnn, embed(params, inputs), carry, key=key, lengths=lengths,
+                    inputs=inputs)
 
   def loss(params: LMParams, inputs, targets, mask, carry, *, key):
     key_features, key_loss = jax.random.split(key)
@@ -469,8 +531,11 @@ def language_model(config: ModelConfig, counts: Sequence[int] | np.ndarray, *,
 
   def step(params: LMParams, carry, token_ids):
     x = embed(params, token_ids)
-    carry, y = cell.step(params.rnn, carry, cell.project(params.rnn, x))
-    return carry, layer.log_probs(params.output, y)
+    new, y = cell.step(params.rnn, carry, cell.project(params.rnn, x))
+    new = jax.tree.map(lambda n, c: n.astype(c.dtype), new, carry)
+    if config.reset_id is not None:
+      new = reset_after(params.rnn, new, jnp.asarray(token_ids) == config.reset_id)
+    return new, layer.log_probs(params.output, y)
 
   return LanguageModel(init=init, initial_state=initial_state, embed=embed, features=features,
                        apply=apply, loss=loss, log_prob=log_prob, step=step, cell=cell,

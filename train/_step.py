@@ -328,13 +328,15 @@ def _sparse_step(state: TrainState, batch: Window, key, *, model: LanguageModel,
     x = model.embed(params, batch.inputs)
 
     def features(rnn_params, x):
-      return model.features(rnn_params, x, state.carry, key=key_features, lengths=lengths)
+      return model.features(rnn_params, x, state.carry, key=key_features, lengths=lengths,
+                            inputs=batch.inputs)
 
     hidden, vjp, carry = jax.vjp(features, params.rnn, x, has_aux=True)
   else:
     def features(dense):
       x = model.embed(dense, batch.inputs)
-      return model.features(dense.rnn, x, state.carry, key=key_features, lengths=lengths)
+      return model.features(dense.rnn, x, state.carry, key=key_features, lengths=lengths,
+                            inputs=batch.inputs)
 
     hidden, vjp, carry = jax.vjp(features, _dense_part(params), has_aux=True)
 
@@ -348,14 +350,16 @@ def _sparse_step(state: TrainState, batch: Window, key, *, model: LanguageModel,
   # Padded steps have zero weight: send their rows to the dropped id R so they stay untouched.
   per_token = isinstance(params.output, softmax_alts.HierarchicalParams)
   rows = rows._replace(ids=_drop_padded(rows.ids, mask.reshape(-1), num_table_rows, per_token))
-  cotangents = vjp(hidden_grad.reshape(hidden.shape))
+  # With bfloat16 features the cotangent enters the features' vjp in their dtype.
+  cotangents = vjp(hidden_grad.reshape(hidden.shape).astype(hidden.dtype))
   if config.tied:
     rnn_grads, x_grad = cotangents
     dense_grads = LMParams(embedding=None, rnn=rnn_grads, output=None)
     input_ids = jnp.where(mask, batch.inputs, num_table_rows).reshape(-1)
     rows = softmax_alts.RowGrad(
         ids=jnp.concatenate([rows.ids, input_ids.astype(rows.ids.dtype)]),
-        w_rows=jnp.concatenate([rows.w_rows, x_grad.reshape(-1, hidden_size)]),
+        w_rows=jnp.concatenate([rows.w_rows,
+                                x_grad.reshape(-1, hidden_size).astype(rows.w_rows.dtype)]),
         b_rows=jnp.concatenate([rows.b_rows, jnp.zeros(input_ids.shape, rows.b_rows.dtype)]))
   else:
     (dense_grads,) = cotangents

@@ -123,6 +123,9 @@ def _bad_inputs(tmp_path, corpus_dir):
       (small + ["--proj", "8", "--cell", "gru"], "--proj needs --cell lstm"),
       (small + ["--batch-size", "2000"], "too few for --batch-size 2000"),
       (small + ["--level", "char"], "--level char needs a text corpus"),
+      (small + ["--reset-at-eos"], "--reset-at-eos needs a word-level corpus"),
+      (["--data", str(corpus_dir / "train.txt"), "--level", "char", "--reset-at-eos"],
+       "--reset-at-eos needs a word-level corpus"),
       (small + ["--resume"], "--resume needs --save"),
       (small + ["--save", str(corpus_dir / "train.txt")], "is not a folder"),
   ]
