@@ -1,25 +1,11 @@
 """The `gradients` suite: the vanishing and exploding gradient story, measured.
 
-Four experiments, each a small model trained from scratch on a synthetic task (no data files):
-
-  1. Gradient norms. `rnn.gradient_norms` gives `||dL/dh_t||` for every step of a sequence of
-     length T with the loss on the last step only (the adding problem's regression), for a tanh
-     RNN, an IRNN (`rnn.simple(H, activation=jax.nn.relu)`: identity recurrent init), an LSTM
-     and a GRU, at initialisation and after training on the adding problem at that T. Plotted
-     against the distance from the loss, `T - 1 - t`, on a log scale.
-  2. The adding problem (Hochreiter and Schmidhuber 1997; Le et al. 2015) at several T: every
-     cell trained with the same budget (steps, batch, optimizer); the test MSE against the 1/6
-     of always answering 1 (the variance of the sum of two U(0, 1)).
-  3. Truncation. BPTT(k1, k2) (`rnn.truncated`) for several k2 and full BPTT: an LSTM trained
-     to predict, on a token source, the tokens that repeat the one seen `lag` steps back (the
-     only predictable ones): the recall accuracy and perplexity against k2. No recall's
-     gradient reaches its key when `k2 < lag`.
-  4. Exploding gradients. A tanh RNN with a large recurrent init trained by SGD with a high
-     learning rate: loss curves without clipping, with `optax.clip_by_global_norm` and with the
-     per-step clip of the error signal (`rnn.unroll(..., grad="manual", clip_delta=...)`).
-
-Training runs a chunk of steps per compiled call (`jax.lax.scan` over steps, the batches drawn
-inside from `jax.random`), so a step costs no Python; every number comes from one seed.
+Four experiments on synthetic tasks (no data files): gradient norms (`rnn.gradient_norms`), the
+adding problem (Hochreiter and Schmidhuber 1997; Le et al. 2015), truncation (`rnn.truncated`
+against a known lag) and exploding gradients with and without clipping. Training runs a chunk of
+steps per compiled call (`jax.lax.scan` over steps, the batches drawn inside from `jax.random`),
+so a step costs no Python; every number comes from one seed. Tasks, settings and how to read the
+tables are described in `benchmarks/README.md`.
 """
 
 from __future__ import annotations

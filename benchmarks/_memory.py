@@ -1,23 +1,9 @@
 """The `memory` suite: peak memory and step time of BPTT for long sequences, with and without remat.
 
-One LSTM training step (the value and the gradient, with respect to every weight, of
-`0.5 * mean(ys ** 2)` over `ys = rnn.unroll(cell, params, xs, state)`) for T up to 10,000, in
-four variants: `grad="autodiff"` or `grad="manual"`, each with `remat=False` and `remat=True`
-(sqrt(T) checkpointing). For each:
-
-  * XLA's buffer assignment of the compiled step (`_harness.memory_of`): temp (what the step
-    needs beyond its inputs and outputs: the activations kept for the backward pass, the input
-    projection `xw [T, B, 4H]` and its gradient) and total (arguments + outputs + temp);
-  * the RSS increase of one step in a fresh process (`_harness.rss_probe`), on a CPU only (on a
-    GPU the activations live in device memory, which RSS does not see);
-  * the median step time, the four variants interleaved (`_harness.interleave`).
-
-The per-step slope of XLA temp between the two longest sequences says what each variant keeps
-per time step. For autodiff the floor that remat cannot remove is `xw` and its gradient,
-`2 * B * 4H * 4` bytes per step (the input projection is one GEMM over all steps, hoisted out of
-the scan); `manual` with remat stores only the state before each step, recomputes each step's
-input product in the backward pass, and keeps the gates' gradient `dxw [T, B, 4H]` for the weight
-gradients' GEMMs.
+One LSTM training step for T up to 10,000 in four variants (`grad="autodiff"` or `"manual"`,
+each with and without `remat`): XLA's buffer assignment of the compiled step, the RSS increase
+of one step in a fresh process (CPU only) and the median step time, the variants interleaved.
+Settings and how to read the table are described in `benchmarks/README.md`.
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """The `peers` suite: our language model against PyTorch's, same model, same data, same training.
 
-Our LSTM language model with the full softmax (`train.language_model`, trained by `train.fit`)
-and the PyTorch word_language_model recipe (`benchmarks/_torch_lm.py`: embedding, `nn.LSTM`,
-dropout, linear decoder, the state carried from window to window and detached) are trained in
-one process on WikiText-2 (train `valid.txt`, test `test.txt`; the synthetic source when the
-corpus is absent), with the same sizes, windows, batches, optimizer (Adam), clipping, learning
-rate schedule, epochs and held-out validation split. The torch model starts from our initial
-weights (copied with `rnn.to_torch`), so the two differ only in their dropout masks and float
-rounding.
-
-Two measurements, both interleaved:
-
-  * **step throughput**: one training step of each (ours: the jitted `train.make_train_step`,
-    compiled beforehand; torch: forward, backward, clipping, Adam), timed with
-    `_harness.interleave` (alternating, 50 ms pause after each call, medians), on copies of
-    the two models so the training run below is untouched;
-  * **training run**: the two trained epoch by epoch in alternation (our `train.fit` to the end
-    of an epoch, a 50 ms pause, one torch epoch with its validation, a pause, ...), the order
-    swapped every epoch. Tokens/s counts the training steps only; the test perplexity is exact,
-    of each framework's best-validation parameters.
-
-PyTorch runs with `torch.set_num_threads(--threads)`, XLA with the same intra-op pool size.
+Our LSTM language model (`train.fit`) and PyTorch's word_language_model recipe
+(`benchmarks/_torch_lm.py`) start from the same weights (`rnn.to_torch`) and are measured twice,
+interleaved: one training step of each (`_harness.interleave`, on copies of the models) and the
+two trained epoch by epoch in alternation. Settings and columns are described in
+`benchmarks/README.md`.
 """
 
 from __future__ import annotations

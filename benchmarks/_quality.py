@@ -1,32 +1,10 @@
 """The `quality` suite: exact test perplexity against training time for every output layer.
 
-The same LSTM language model (`train.language_model`) is trained with each output layer that
-`python -m train --softmax` offers, for the same number of epochs, on three corpora:
-
-  * the synthetic source (`train.synthetic_corpus`), whose best possible perplexity is known;
-  * WikiText-2: train on `valid.txt`, test on `test.txt`;
-  * Penn Treebank: train on `ptb.valid.txt`, test on `ptb.test.txt`.
-
-The real corpora are read from `--data-root` (default `../shared/data` beside the repository;
-the flag sets the environment variable `BENCHMARKS_DATA_ROOT`, which can be set instead); a
-corpus that is absent is reported as skipped and the suite goes on. Only one split of each
-corpus is trained on, so (as `python -m train` does when no validation split is named) the last
-5% of its tokens are held out for validation; the vocabulary is built from the training split.
-
-Training is `train.fit` itself, with the step (`train.make_train_step`), the optimizer
-(`train.optimizer`), the batching (`train.batchify`) and the exact evaluation
-(`train.make_evaluator`) of the library: each row is what
-`python -m train --softmax <method> ...` computes with the same flags (the command is written in
-the table). The runs of one corpus are interleaved epoch by epoch (`train.fit` resumes exactly),
-in an order rotated every epoch, with a 50 ms pause between runs, so that a change in the
-machine's load falls on every method alike. Before training, each method's step and evaluator
-are compiled (and the compile time reported apart); "training time" is then `train.fit`'s wall
-time, the training steps and the per-epoch validation, and "train tok/s" counts the training
-steps only. The test perplexity is exact (the normalized softmax over the whole vocabulary,
-whatever the training loss), of the parameters with the best validation perplexity.
-
-The table follows Table 1 of Grave et al. (2017): test perplexity and training time of each
-output layer, with their ratios to the full softmax.
+The same LSTM language model is trained with each `python -m train --softmax` choice by
+`train.fit` itself (so each row is what the command written in the table computes), the methods
+of a corpus interleaved epoch by epoch, compile apart; the test perplexity is exact, of the
+best-validation parameters. Corpora, settings and columns are described in
+`benchmarks/README.md`; the table follows Table 1 of Grave et al. (2017).
 
 References:
   Grave, Joulin, Cisse, Grangier and Jegou, Efficient softmax approximation for GPUs, 2017.

@@ -1,28 +1,9 @@
 """The `recipe` suite: PyTorch's word_language_model recipe in ours and in PyTorch, back to back.
 
-Both train the recipe's model the recipe's way: an LSTM 2x200 (emsize 200), dropout 0.2, plain
-SGD at learning rate 20 held constant (the annealing of `main.py` turned off), gradients clipped
-to a global norm of 0.25, windows of 35 steps (the last one shorter), batch 20 (evaluation 10),
-6 epochs, each framework from its own initialisation (ours `--init pytorch`: the distributions
-of `torch.nn.LSTM` and `main.py`'s `init_weights`), on WikiText-2: trained on `valid.txt` (its
-last 5% held out for validation, as `python -m train` does with no validation split), tested
-on `test.txt`; one vocabulary, the same batchified arrays.
-
-Ours is `python -m train --recipe pytorch --decay none --epochs 6` on that data (the command is
-written in the table), run as `train.fit` epoch by epoch (a resumed `fit` continues exactly);
-PyTorch's is `main.py`'s loop (`benchmarks/_torch_lm.py`: eager, `torch.optim.SGD` without
-momentum). The two alternate epoch by epoch, the order swapped every epoch, with a pause after
-each; every epoch ends with the validation evaluation, and the test split is evaluated once at
-the end with the parameters of the best validation perplexity.
-
-For each framework: the exact test perplexity, training tokens/s (training steps only; ours
-compiled beforehand), and the seconds of the run: training steps, evaluations (validation every
-epoch, ours also before the first step; the test once), compilation (ours), and their sum. The
-bar: our test perplexity within 3% of PyTorch's at no fewer training tokens/s. One run of each
-is one draw from each framework's dropout masks and initialisation.
-
-`--quick` runs the same recipe on a 4,000-token slice of WikiText-2 (the vocabulary cut to its
-2,000 most frequent words; the synthetic source when the corpus is absent): a smoke run.
+Ours is `python -m train --recipe pytorch --decay none --epochs 6`, run as `train.fit` epoch by
+epoch; PyTorch's is `main.py`'s loop (`benchmarks/_torch_lm.py`, `torch.optim.SGD`), each from
+its own initialisation, on one vocabulary and the same batchified arrays, alternating epoch by
+epoch. Settings, columns and the bar are described in `benchmarks/README.md`.
 """
 
 from __future__ import annotations

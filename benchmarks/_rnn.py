@@ -1,30 +1,11 @@
 """The `rnn` suite: LSTM and GRU speed against PyTorch and Flax, memory with `remat`, and minGRU /
 minLSTM unrolled by the scan or in parallel over time.
 
-Part 1, speed. For every shape (B, T, D=H) and each of LSTM and GRU, six variants run the same
-weights (PyTorch's initialisation, copied with `rnn.from_torch` and mapped onto Flax's names):
-
-  * `ours-autodiff`: `rnn.unroll(cell, params, xs, state, grad="autodiff")`;
-  * `ours-manual`: the same with `grad="manual"` (hand-derived BPTT as a `custom_vjp`);
-  * `ours-autodiff-bf16`, `ours-manual-bf16`: the same with the weights and `xs` in bfloat16
-    (GEMMs accumulating in float32; the point-wise part and the LSTM's memory in float32);
-  * `flax`: `flax.linen.RNN(flax.linen.OptimizedLSTMCell(H))` / `flax.linen.GRUCell(H)`;
-  * `torch`: `torch.nn.LSTM` / `torch.nn.GRU` (`batch_first=True`), eager, float32.
-
-"fwd" runs the layer (torch under `no_grad`); "fwd+bwd" computes the loss
-`L = mean(ys * R)` (R a fixed random `[B, T, H]` tensor) and its gradient with respect to every
-weight and to the inputs (torch: `loss.backward()` with `requires_grad` inputs; the gradients are
-fresh each call: `zero_grad(set_to_none=True)`). Throughput is B*T tokens over the median time.
-Before timing, outputs and gradients of every variant are compared with torch's (max abs diff of
-`ys`; max abs diff of all gradients relative to their max abs value).
-
-Part 2, memory. A long sequence (T = 1000) fwd+bwd for ours with and without `remat`,
-autodiff and manual, with Flax and torch beside: XLA's buffer assignment for the JAX variants
-and the measured RSS increase of one step in a fresh process for all (see `_harness`).
-
-Part 3, parallel in time. `rnn.min_gru` and `rnn.min_lstm` (Feng et al. 2024), whose gates read
-only the input, fwd and fwd+bwd at T = 100 and 1,000, unrolled by `jax.lax.scan` (`scan`) and by
-`jax.lax.associative_scan` (`unroll(..., parallel=True)`: `parallel`), float32.
+Every variant runs the same weights (PyTorch's initialisation, copied with `rnn.from_torch` and
+mapped onto Flax's names); fwd+bwd is the gradient of `mean(ys * R)` with respect to every weight
+and the inputs. Outputs and gradients are compared with torch's before timing; memory is XLA's
+buffer assignment and the RSS increase of one step (see `_harness`). Shapes, variants and columns
+are described in `benchmarks/README.md`.
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
 """The `scaling` suite: throughput and per-device memory of the sharded training step against the
 number of devices and the shape of the mesh.
 
-For each device count D, a fresh process is started with D devices (on a CPU, simulated:
-`--xla_force_host_platform_device_count=D`, since the count is fixed when XLA starts) and times
-`train.make_sharded_train_step` on every mesh of D devices below:
-
-  * data parallel, `data=D, model=1`: the batch rows split over D devices, the parameters
-    replicated, the gradients all-reduced;
-  * vocabulary parallel, `data=1, model=D`: the output table (and embedding) split along V, the
-    full softmax computed vocabulary-parallel (`softmax_alts.full(mesh=...)`);
-  * both, `data=D/2, model=2` (D >= 4);
-
-and, with one device, the plain `train.make_train_step` (no mesh) as the reference. The model is
-an LSTM language model with the full softmax and Adam; the global batch is the same for every
-mesh (strong scaling). Per variant: tokens per second (median of interleaved rounds), the compile
-time, and XLA's buffer assignment of the compiled step per device (arguments: the parameters,
-optimizer state and batch one device holds; temp: its scratch).
-
-What simulated devices can and cannot show. They are D XLA CPU devices inside one process that
-share the machine's cores: each device's program runs on its own thread, so up to the number of
-cores the devices may run side by side (a small step that one device cannot spread over the
-cores can even get faster), and beyond it they queue, so throughput cannot grow with D the way it
-would on D accelerators. The times show what partitioning costs: the collectives become
-in-process copies, and the per-device programs are smaller but share the same cores. The
-per-device memory is real: it is the partitioned program's own buffer assignment, the same on
-real devices. On a machine with D accelerators, run the suite there (`python -m benchmarks
---suite scaling`) for real speed-ups; the processes then see the real devices and no flag is
-set.
+Each device count D runs in a fresh process (on a CPU the D devices are simulated with
+`--xla_force_host_platform_device_count=D`, fixed when XLA starts) and times
+`train.make_sharded_train_step` on every mesh of D devices, interleaved, against the plain
+`train.make_train_step`; memory is the partitioned program's buffer assignment per device.
+Meshes, settings and what simulated devices can show are described in `benchmarks/README.md`.
 """
 
 from __future__ import annotations

@@ -1,27 +1,13 @@
 """The `softmax` suite: every output layer's training step and exact evaluation, against the full
 softmax and PyTorch, from V = 10K to 800K words.
 
-Training step (one jitted function, params donated): the mean loss over N tokens, its gradient
-with respect to the params and the hidden vectors, and an SGD update of the params. The sampling
-methods and the hierarchical softmax also run softmax_alts' row-sparse path
-(`sparse_loss_and_grads` + `apply_row_update`: the gradient of the `[V, H]` table, or of the
-`[V-1, H]` node table, as the touched rows only). PyTorch does
-the same with `torch.nn.functional.cross_entropy` on a `[V, H]` weight and bias (`torch CE`) and
-with `torch.nn.AdaptiveLogSoftmaxWithLoss` (`torch adaptive`), updating the parameters in place.
-
-Exact evaluation: `layer.log_prob(params, hidden, targets)`, the normalized log-probability of
-each target (for the sampling methods this is the full softmax); torch: `-cross_entropy(...,
-reduction="none")` and `AdaptiveLogSoftmaxWithLoss(...).output`.
-
-Inputs: `hidden = tanh(normal) [N, H]`; targets drawn from a Zipf law p(i) ~ 1 / (i + 1) over
-ids sorted by frequency, and word counts `round(1e9 * p)` (at least 1), the same law's expected
-counts, for the methods that take counts.
-
-Timing: variants are interleaved with a pause (see `_harness`). At V = 800K the params of all
-methods do not fit in memory at once, so the variants are packed into groups that fit (from
-XLA's buffer assignment, computed before anything is allocated); our full softmax runs in every
-group and each ratio is taken against the full softmax of its own group. A variant that would not
-fit even beside the full softmax alone is reported as skipped, with the memory it needs.
+A training step is one jitted function with donated params: the mean loss, its gradient with
+respect to the params and the hidden vectors, and an SGD update (the sampling methods and the
+hierarchical softmax also through `sparse_loss_and_grads` + `apply_row_update`). Targets follow
+a Zipf law over frequency-sorted ids. Where the params of all methods do not fit in memory at
+once, variants are packed into groups that fit (XLA's buffer assignment, before allocating) and
+each ratio is taken against the full softmax of its own group. Settings and columns are
+described in `benchmarks/README.md`.
 """
 
 from __future__ import annotations
