@@ -138,12 +138,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
 
   md = ctx.header(
       "Peers: our LSTM language model against PyTorch's, trained side by side",
-      shapes=(f"{data.spec.title}, V = {len(data.corpus.vocab):,}, tokens train "
-              f"{data.sizes['train']:,} / valid {data.sizes['valid']:,} / test "
-              f"{data.sizes['test']:,}; LSTM {s.nlayers}x{s.nhid}, emsize {s.emsize}, dropout "
-              f"{s.dropout:g}, full softmax, batch {s.batch_size} x bptt {s.bptt}, "
-              f"{s.optimizer} lr {s.lr:g} clip {s.clip:g}, {s.epochs} epoch(s), lr / "
-              f"{s.lr_decay:g} after each epoch from epoch {s.decay_after} on"),
+      shapes=shapes(data, s, f"batch {s.batch_size} x bptt {s.bptt}, {s.optimizer} lr "
+                    f"{s.lr:g} clip {s.clip:g}, {s.epochs} epoch(s), lr / {s.lr_decay:g} after "
+                    f"each epoch from epoch {s.decay_after} on"),
       dtype="float32", seeds=f"{s.seed} (our initial weights, copied into torch)",
       method=("step throughput: `_harness.interleave` of one training step each, medians; "
               "training run: the two alternated epoch by epoch with 50 ms pauses, tokens/s "
@@ -182,6 +179,14 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
                    f"({ppl_ratio:.3f}x); bar {'met' if met else 'NOT met'}"),
       h.SummaryRow("peers", "table", h.display_path(paths[0])),
   ]
+
+
+def shapes(data: q.Data, s: q.Settings, training: str) -> str:
+  """The header's shapes line of a run against PyTorch: corpus, model, then `training`."""
+  return (f"{data.spec.title}, V = {len(data.corpus.vocab):,}, tokens train "
+          f"{data.sizes['train']:,} / valid {data.sizes['valid']:,} / test "
+          f"{data.sizes['test']:,}; LSTM {s.nlayers}x{s.nhid}, emsize {s.emsize}, dropout "
+          f"{s.dropout:g}, full softmax, {training}")
 
 
 def described(s: q.Settings, data: q.Data, note: str | None) -> dict:

@@ -82,12 +82,9 @@ def _run(ctx: h.Context) -> list[h.SummaryRow]:
 
   md = ctx.header(
       "Recipe: PyTorch's word_language_model recipe, ours and PyTorch's, back to back",
-      shapes=(f"{data.spec.title}, V = {len(data.corpus.vocab):,}, tokens train "
-              f"{data.sizes['train']:,} / valid {data.sizes['valid']:,} / test "
-              f"{data.sizes['test']:,}; LSTM {s.nlayers}x{s.nhid}, emsize {s.emsize}, dropout "
-              f"{s.dropout:g}, full softmax, batch {s.batch_size} (evaluation "
-              f"{s.eval_batch_size}) x bptt {s.bptt}, {s.optimizer} lr {s.lr:g} constant, clip "
-              f"{s.clip:g}, {s.epochs} epochs"),
+      shapes=_peers.shapes(data, s, f"batch {s.batch_size} (evaluation {s.eval_batch_size}) "
+                           f"x bptt {s.bptt}, {s.optimizer} lr {s.lr:g} constant, clip "
+                           f"{s.clip:g}, {s.epochs} epochs"),
       dtype="float32", seeds=f"{s.seed} (each framework's own initialisation and dropout)",
       method=("the two alternated epoch by epoch (order swapped every epoch, 50 ms pauses); "
               "training tok/s over the training steps only; test ppl exact, of the "

@@ -355,6 +355,9 @@ def _load_corpus(args):
     if any(getattr(args, k) for k in ("train_split", "valid_split", "eval_split")):
       raise ValueError("--train-split, --valid-split and --eval-split need a corpus folder; "
                        "got --data synthetic.")
+    if args.max_vocab is not None:
+      raise ValueError("--max-vocab needs a corpus folder; the synthetic corpus's vocabulary is "
+                       "--synthetic-vocab.")
     if args.synthetic_vocab < 2:
       raise ValueError(f"--synthetic-vocab must be at least 2; got {args.synthetic_vocab}.")
     held = max(args.synthetic_tokens // 10, 2)

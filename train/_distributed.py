@@ -174,7 +174,8 @@ def vocab_parallel_config(config: ModelConfig, counts, mesh: Mesh) -> ModelConfi
     if config.vocab_size % shards:
       raise ValueError(f"the vocabulary of V = {config.vocab_size} words does not split over the "
                        f"model axis of size {shards}: V must be a multiple of {shards} (choose "
-                       "--max-vocab or --synthetic-vocab to make it so, or another model size).")
+                       "--max-vocab for a corpus or --synthetic-vocab to make it so, or another model "
+                       "size).")
     if config.softmax == "adaptive":
       if config.cutoffs is None:
         config = config._replace(cutoffs=_round_cutoffs(default_cutoffs(counts),

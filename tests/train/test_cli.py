@@ -95,6 +95,7 @@ def _bad_inputs(tmp_path, corpus_dir):
   small = TINY  # V = 31
   return [
       (["--data", str(tmp_path / "absent")], "does not exist"),
+      (["--max-vocab", "100"], "--max-vocab needs a corpus folder"),
       (["--data", str(lacking)], "lacks the split file(s) valid.txt"),
       # Messages name the flags, not read_corpus's arguments.
       (["--data", str(lacking)], "e.g. --train-split train.txt --eval-split test.txt"),
