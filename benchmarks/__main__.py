@@ -20,6 +20,7 @@ SUITE_MODULES = (
     "benchmarks._quality",
     "benchmarks._peers",
     "benchmarks._recipe",
+    "benchmarks._precision",
     "benchmarks._gradients",
     "benchmarks._memory",
     "benchmarks._scaling",

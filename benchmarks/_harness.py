@@ -661,6 +661,18 @@ def select(names: Sequence[str] | None) -> list[str]:
   return chosen
 
 
+def _summary_rows(path: pathlib.Path) -> list[SummaryRow]:
+  """The rows of a summary.md written by `run` (none if there is no such file)."""
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines()[2:]:
+    cells = line.strip().strip("|").split(" | ")
+    if line.startswith("| ") and len(cells) == 3 and cells[0].strip() not in ("suite", "---"):
+      rows.append(SummaryRow(*(c.strip() for c in cells)))
+  return rows
+
+
 def run(*, suites: Sequence[str] | None, quick: bool, threads: int, seed: int,
         repeats: int | None, out: str | None, max_vocab: int | None = None) -> int:
   """Runs the chosen suites, then prints and writes the summary table. Returns an exit code."""
@@ -687,12 +699,19 @@ def run(*, suites: Sequence[str] | None, quick: bool, threads: int, seed: int,
       traceback.print_exc()
       failed.append(name)
       rows.append(SummaryRow(name, "error", f"{type(e).__name__}: {e}".replace("|", "/")))
-    rows.append(SummaryRow(name, "suite wall time", f"{time.perf_counter() - t0:.0f} s"))
+    rows.append(SummaryRow(name, "suite wall time",
+                           f"{time.perf_counter() - t0:.0f} s (started {ctx.started})"))
+  # Suites not run this time keep their rows from the folder's summary, so that the file holds
+  # the latest run of every suite.
+  kept = [r for r in _summary_rows(out_dir / "summary.md") if r.suite not in chosen]
+  order = {name: i for i, name in enumerate(SUITES)}
+  table = sorted(kept + rows, key=lambda r: order.get(r.suite, len(order)))
   summary = ctx.header(
       "Benchmark summary", shapes="see each suite's table", dtype="float32", seeds=str(seed),
-      method="headline numbers from each suite; the suite's own file has the details")
+      method="headline numbers from each suite; the suite's own file has the details; each "
+      "suite's 'suite wall time' row says when it ran (the date above is the latest run's)")
   summary += "\n" + md_table(["suite", "measurement", "result"],
-                             [(r.suite, r.measurement, r.result) for r in rows])
+                             [(r.suite, r.measurement, r.result) for r in table])
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "summary.md").write_text(summary)
   print("\n" + md_table(["suite", "measurement", "result"],
