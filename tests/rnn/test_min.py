@@ -69,8 +69,9 @@ def test_parallel_over_a_long_sequence_and_its_float64_gradient(key):
   params = cell.init(key, 4)
   xs = jax.random.normal(jax.random.key(1), (2, 1000, 4))
   state = cell.initial_state(params, (2,))
-  ys_p, final_p = rnn.unroll(cell, params, xs, state, parallel=True)
-  ys_s, final_s = rnn.unroll(cell, params, xs, state)
+  unroll = jax.jit(rnn.unroll, static_argnums=0, static_argnames="parallel")
+  ys_p, final_p = unroll(cell, params, xs, state, parallel=True)
+  ys_s, final_s = unroll(cell, params, xs, state)
   np.testing.assert_allclose(ys_p, ys_s, atol=2e-5)
   np.testing.assert_allclose(final_p.hidden, final_s.hidden, atol=2e-5)
   with jax.enable_x64(True):
