@@ -181,6 +181,21 @@ def test_where_masks_rows_whatever_their_id(name, key):
     layer.loss(params, hidden, targets, key=key, where=where[:3])
 
 
+@pytest.mark.parametrize("name", ["full (stream)", "adaptive (materialize)"])
+def test_float16_works_as_bfloat16_does(name, key):
+  """float16 takes the same path: products in float16 accumulated in float32, float32 results."""
+  layer = FACTORIES[name]()
+  params, hidden, targets = _inputs(layer, jnp.float16)
+  as32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+  log_prob = jax.jit(layer.log_prob)(params, hidden, targets)
+  assert log_prob.dtype == jnp.float32
+  tol = 2e-3 if name.startswith("adaptive") else 1e-4
+  np.testing.assert_allclose(log_prob, jax.jit(layer.log_prob)(as32(params), as32(hidden),
+                                                               targets), rtol=tol, atol=tol)
+  np.testing.assert_allclose(jax.nn.logsumexp(jax.jit(layer.log_probs)(params, hidden), axis=1),
+                             0.0, atol=1e-5)
+
+
 # One helper batches `hidden [H]` for every layer: checked on each kind of layer once.
 UNBATCHED = ("full (stream)", "class_based (materialize)", "adaptive (stream)", "hierarchical",
              "sampled", "negative_sampling (in batch)")
