@@ -9,11 +9,9 @@ import numpy as np
 from train._corpus import Corpus
 from train._vocab import Vocab
 
-# The defaults of `synthetic_corpus`. With seed 0: best test perplexity 20.4, exact bigram 31.6,
-# stationary unigram 74.6, so the best is a quarter of the unigram perplexity and a model that
-# sees one word back is 55% above the best. A one-layer LSTM (128 units, Adam 5e-3, batch 32,
-# 35-step TBPTT, no dropout) measured 1.08x the best after 250 steps (half an epoch) and 1.05x
-# after 750, about 10 s and 30 s of single-threaded CPU training.
+# The defaults of `synthetic_corpus`: a source whose best perplexity is well below its unigram
+# and bigram perplexities, so that a model must use context to approach it, and a small LSTM gets
+# close within a CPU minute (the measured values are in CHANGELOG.md).
 VOCAB_SIZE = 500
 NUM_STATES = 16
 NUM_SUCCESSORS = 2
